@@ -1,0 +1,114 @@
+"""Forward + backward time of every objective, as a ratio to plain `grpo` measured in the same run.
+
+B = 64 completions of up to T = 4096 tokens, fp32, a realistic mask (lengths uniform in [T/8, T]),
+an off-policy log-ratio (logp = old_logp + N(0, 0.05)), per-sequence group advantages (G = 8).
+Each repeat times every objective once, in a shuffled order; the figure is the median over repeats.
+Targets: every objective <= 1.5x grpo, tepo <= 1.2x.
+
+    flock /tmp/tepo-cpu.lock .venv/bin/python bench/objectives.py [--repeats 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, write_section  # noqa: E402
+
+from tepo.advantages import group_advantages  # noqa: E402
+from tepo.objectives import list_objectives, policy_loss  # noqa: E402
+
+B, T, GROUP = 64, 4096, 8
+
+
+def make_inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(T // 8, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    old = -torch.rand(B, T, generator=g) * 4
+    logp = old + 0.05 * torch.randn(B, T, generator=g)
+    rewards = (torch.rand(B, generator=g) < 0.4).float()
+    entropy = torch.rand(B, T, generator=g) * 2
+    return dict(
+        logp=logp,
+        old_logp=old,
+        advantages=group_advantages(rewards, GROUP),
+        mask=mask,
+        ref_logp=old + 0.1 * torch.randn(B, T, generator=g),
+        entropy=entropy,
+        old_entropy=entropy + 0.2 * torch.randn(B, T, generator=g),
+    )
+
+
+# name shown -> (objective, extra hyper-parameters, which optional tensors it gets)
+CASES = {name: (name, {}, ()) for name in list_objectives()}
+CASES["tepo + KL mask"] = ("tepo", {"tepo_kl_coef": 0.1}, ("entropy", "old_entropy"))
+CASES["grpo + beta_kl"] = ("grpo", {"beta_kl": 0.04}, ("ref_logp",))
+
+
+def time_once(inputs: dict, name: str, hp: dict, optional: tuple) -> float:
+    logp = inputs["logp"].clone().requires_grad_(True)
+    args = {k: inputs[k] for k in ("old_logp", "advantages", "mask", *optional)}
+    start = time.perf_counter()
+    out = policy_loss(name, logp=logp, generator=torch.Generator().manual_seed(0), **args, **hp)
+    out.loss.backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+
+    inputs = make_inputs()
+    order = list(CASES)
+    for label in order:  # warm-up
+        time_once(inputs, *CASES[label])
+    times: dict[str, list[float]] = {label: [] for label in order}
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for label in order:
+            times[label].append(time_once(inputs, *CASES[label]))
+
+    median = {label: statistics.median(ts) for label, ts in times.items()}
+    base = median["grpo"]
+    rows = []
+    for label in sorted(median, key=lambda k: (k != "grpo", k)):
+        ratio = median[label] / base
+        target = 1.2 if label == "tepo" else (1.5 if label in list_objectives() else None)
+        verdict = "" if target is None else ("meets" if ratio <= target else "MISSES") + f" <= {target}x"
+        rows.append(f"| {label} | {median[label] * 1e3:.1f} | {ratio:.2f}x | {verdict} |")
+    valid = int(inputs["mask"].sum())
+    table = "\n".join(
+        [
+            "## Objectives: forward + backward time relative to grpo",
+            "",
+            f"Machine: {machine()} (2-core CPU (this dev box) when run here). "
+            f"B={B}, T={T}, fp32, {valid} valid tokens ({valid / (B * T):.0%}), "
+            f"median of {args.repeats} repeats, every case timed once per repeat in shuffled order. "
+            "Includes input checks and metrics (everything `policy_loss` does). "
+            "Targets: every objective <= 1.5x grpo, tepo <= 1.2x.",
+            "",
+            "| objective | median ms | vs grpo | target |",
+            "|---|---:|---:|---|",
+            *rows,
+            "",
+            "Rerun: `flock /tmp/tepo-cpu.lock .venv/bin/python bench/objectives.py`",
+        ]
+    )
+    print(table)
+    if not args.no_write:
+        write_section("objectives", table)
+
+
+if __name__ == "__main__":
+    main()

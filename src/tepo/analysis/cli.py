@@ -1,0 +1,109 @@
+"""`tepo compare` and `tepo report`: parse arguments, then call tepo.analysis."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+COMPARE_EPILOG = """\
+Every other option (or everything after `--`) is passed unchanged to each `tepo train` run,
+e.g. --heldout_eval_steps 10 --learning_rate 1e-5. Runs go one at a time into
+OUTPUT_DIR/runs/<objective>-s<seed>/ (log: train.log). A rerun skips finished runs and, unless
+--retry_failed, failed ones; it starts the rest. Exit status: 0 when every run is done, 1 if not,
+2 for bad arguments (nothing is launched then).
+"""
+
+
+def compare_main(argv: list[str]) -> int:
+    from tepo.analysis.compare import parse_list, parse_seeds, plan_comparison, run_comparison
+
+    argv = list(argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(
+        prog="tepo compare", description="Train several objectives over several seeds on one identical setup.",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    parser.add_argument("--objectives", required=True, help="comma-separated objective names, e.g. grpo,dapo,tepo")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--output_dir", required=True, help="comparison folder (runs/, compare.json, report/)")
+    parser.add_argument("--config", help="YAML recipe shared by every run")
+    parser.add_argument("--model", help="model id or folder (default: the recipe's / offline SmolLM2)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--task", help="built-in task, e.g. arithmetic")
+    data.add_argument("--data", help="JSONL training data")
+    parser.add_argument("--max_steps", type=int, help="optimiser steps per run")
+    parser.add_argument("--train_command", help="command that trains one run (default: this Python's `-m tepo.cli train`)")
+    parser.add_argument("--cpu_lock", help="flock this file while each run trains (e.g. /tmp/tepo-cpu.lock)")
+    parser.add_argument("--fail_fast", action="store_true", help="stop at the first failed run (default: carry on)")
+    parser.add_argument("--allow_setup_change", action="store_true",
+                        help="keep finished runs even if they were trained with other arguments")
+    parser.add_argument("--retry_failed", action="store_true",
+                        help="run again the runs that failed in an earlier invocation (default: report them, leave them)")
+    parser.add_argument("--resume", action="store_true",
+                        help="rerun an unfinished run in its own folder (the trainer resumes from its last checkpoint) "
+                             "instead of moving that attempt to OUTPUT_DIR/failed/ and starting clean")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and exit")
+    args, extra = parser.parse_known_args(argv)
+    extra += passthrough
+
+    try:
+        objectives = parse_list(args.objectives, "objectives")
+        seeds = parse_seeds(args.seeds)
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+        if args.config and not Path(args.config).is_file():
+            raise ValueError(f"--config: no such file {args.config}")
+        if args.data and not Path(args.data).exists():
+            raise ValueError(f"--data: no such file {args.data}")
+        train_args: list[str] = []
+        for name in ("config", "model", "task", "data", "max_steps"):
+            value = getattr(args, name)
+            if value is not None:
+                is_path = name in ("config", "data") or (name == "model" and Path(value).exists())
+                train_args += [f"--{name}", str(Path(value).resolve()) if is_path else str(value)]  # runs may start elsewhere
+        train_args += extra
+        command = shlex.split(args.train_command) if args.train_command else None
+        plan = plan_comparison(objectives, seeds, args.output_dir, train_args, train_command=command)
+    except (ValueError, RuntimeError) as err:
+        print(f"tepo compare: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for spec in plan:
+            print(f"{spec.name}: {shlex.join(spec.command)}")
+        return 0
+    settings = {"config": args.config, "model": args.model, "task": args.task, "data": args.data, "max_steps": args.max_steps}
+    try:
+        state = run_comparison(plan, args.output_dir, train_args, fail_fast=args.fail_fast, cpu_lock=args.cpu_lock,
+                               allow_setup_change=args.allow_setup_change, resume=args.resume,
+                               retry_failed=args.retry_failed, settings=settings)
+    except ValueError as err:
+        print(f"tepo compare: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1 if any(r["status"] != "done" for r in state["runs"]) else 0
+
+
+def report_main(argv: list[str]) -> int:
+    from tepo.analysis.report import build_report
+
+    parser = argparse.ArgumentParser(prog="tepo report", description="HTML report of a `tepo compare` folder.", allow_abbrev=False)
+    parser.add_argument("dir", help="the comparison folder (holds runs/)")
+    parser.add_argument("--out", help="report folder (default DIR/report)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="performance to reach for the steps-to-target table (default: midpoint between start and best final)")
+    parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window for per-step curves (default 5; 1 = raw)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    args = parser.parse_args(argv)
+    try:
+        index = build_report(args.dir, args.out, target=args.target, smooth=args.smooth, confidence=args.confidence)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"tepo report: {err}", file=sys.stderr)
+        return 2
+    print(f"tepo report: wrote {index} and {index.parent / 'summary.md'}")
+    return 0

@@ -1,0 +1,283 @@
+"""Generation backends for evaluation: chat messages in, ``n`` samples per prompt out.
+
+Two backends share one interface (``generate``):
+
+- ``HFBackend``: batched Hugging Face ``generate`` with a KV cache and left padding. Runs on CPU or
+  GPU, and wraps a model already in memory (``HFBackend.from_model``) so the trainer can evaluate
+  the policy it is training.
+- ``VLLMBackend``: vLLM, used on GPU when it is importable.
+
+Seeding: every prompt carries its own seed, and sample ``j`` of that prompt draws from a generator
+seeded by ``(prompt_seed, j)``. A sample therefore does not depend on which other rows share its
+batch, on the batch size, or on whether a run was resumed half way (up to the last-bit floating
+point differences that different padding gives). HF ``generate`` draws all rows of a batch from
+one global generator, so ``HFBackend`` does the draw itself in a logits processor
+(``RowSeededSampler``) and lets ``generate`` run greedy over the one token left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion: its text (special tokens removed), how many tokens were generated
+    (the end-of-sequence token included), and whether it hit ``max_new_tokens`` before ending."""
+
+    text: str
+    num_tokens: int
+    truncated: bool
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (``hash()`` is salted per process; this is not)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _prompt_seeds(seed: int | Sequence[int], num_prompts: int) -> list[int]:
+    if isinstance(seed, int):
+        return [derive_seed(seed, i) for i in range(num_prompts)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != num_prompts:
+        raise ValueError(f"seed: got {len(seeds)} per-prompt seeds for {num_prompts} prompts")
+    return seeds
+
+
+def _check_generate_args(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0 and n > 1:
+        raise ValueError(f"greedy decoding (temperature 0) gives {n} identical samples; use n=1")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What the evaluation runner needs from a backend."""
+
+    name: str  # what generated the samples (recorded in results and checked on resume)
+    batch_size: int  # rows the runner should hand over per call, to checkpoint between calls
+
+    def generate(
+        self,
+        messages_list: Sequence[Messages],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int | Sequence[int] = 0,
+    ) -> list[list[Sample]]:
+        """``n`` samples for each conversation; ``temperature == 0`` means greedy (then ``n == 1``).
+
+        ``seed`` is one int for the call or one int per conversation.
+        """
+        ...
+
+
+class RowSeededSampler:
+    """A logits processor that samples each row from its own ``torch.Generator``.
+
+    It returns scores that are ``-inf`` everywhere except the drawn token, so ``generate`` run
+    greedily keeps exactly that token. Temperature and top-p are applied here, in fp32.
+    """
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """scores: (B, V) next-token logits -> (B, V) with one finite entry per row."""
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
+            drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= self.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
+        chosen = torch.cat(picks).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if not ids:
+        raise ValueError("the tokenizer and the model's generation_config name no eos_token_id; cannot tell where a completion ends")
+    return {int(i) for i in ids}
+
+
+class HFBackend:
+    """Batched Hugging Face ``generate``: left padding, KV cache, the tokenizer's chat template.
+
+    ``autocast_dtype``: run the forward passes under ``torch.autocast`` with this dtype (on CPU,
+    bf16 autocast generates about twice as fast as fp32; see docs/benchmarks.md).
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, autocast_dtype: torch.dtype | None = None, name: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template; evaluation prompts are chat messages")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.name = name or f"hf:{getattr(model, 'name_or_path', '') or type(model).__name__}"
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids))
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **kwargs) -> "HFBackend":
+        """Wrap a model already in memory (e.g. the policy being trained); it is not copied."""
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: str = "auto", device: str | None = None, batch_size: int = 16) -> "HFBackend":
+        """Load a model folder or hub id. ``dtype="auto"``: bf16 weights on GPU; fp32 weights
+        with bf16 autocast on CPU. ``"float32"``/``"bfloat16"``/``"float16"``: those weights, no autocast."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            weights, autocast = (torch.bfloat16, None) if device.startswith("cuda") else (torch.float32, torch.bfloat16)
+        elif dtype in ("float32", "bfloat16", "float16"):
+            weights, autocast = getattr(torch, dtype), None
+        else:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights).to(device)
+        model.eval()
+        return cls(model, tokenizer, batch_size=batch_size, autocast_dtype=autocast, name=f"hf:{path}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, messages: Messages) -> list[int]:
+        """Token ids of a conversation rendered by the chat template, ending with the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any special tokens
+
+    def generate(self, messages_list, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0):
+        _check_generate_args(n, temperature, top_p, max_new_tokens)
+        prompt_seeds = _prompt_seeds(seed, len(messages_list))
+        prompts = [self.encode(m) for m in messages_list]
+        rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
+        rows.sort(key=lambda r: -len(prompts[r[0]]))  # similar lengths together: less padding
+        out: list[list[Sample | None]] = [[None] * n for _ in prompts]
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            seeds = [derive_seed(prompt_seeds[p], j) for p, j in batch]
+            samples = self._generate_batch([prompts[p] for p, _ in batch], seeds, temperature, top_p, max_new_tokens)
+            for (p, j), sample in zip(batch, samples):
+                out[p][j] = sample
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], temperature: float, top_p: float, max_new_tokens: int) -> list[Sample]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = self.device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):  # left padding: every row's last prompt token is at the same column
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids) :] = 1
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            gen_device = device if device.type == "cuda" else torch.device("cpu")
+            generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+            processors.append(RowSeededSampler(generators, temperature, top_p))
+        # Neutral settings, so a model's own generation_config (repetition penalty, top-k, ...) cannot alter the draw.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0, top_p=1.0, top_k=None,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        try:
+            with torch.inference_mode(), autocast:
+                sequences = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    generation_config=config, logits_processor=processors,
+                )
+        finally:
+            self.model.train(was_training)
+        return [self._to_sample(row) for row in sequences[:, width:].tolist()]
+
+    def _to_sample(self, tokens: list[int]) -> Sample:
+        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        kept = tokens if end is None else tokens[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Sample(text=text, num_tokens=len(tokens) if end is None else end + 1, truncated=end is None)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend:
+    """vLLM on GPU. Untested on the CPU dev box (vLLM is not installed there).
+
+    Each prompt is one request with ``n`` samples and its own seed, so, as with ``HFBackend``,
+    what a prompt gets does not depend on what else is in the call.
+    """
+
+    def __init__(self, path: str, *, dtype: str = "auto", batch_size: int = 1024, gpu_memory_utilization: float = 0.85):
+        if not vllm_available():
+            raise RuntimeError("backend 'vllm' needs the vllm package (pip install 'tepo[vllm]'); or use --backend hf")
+        from vllm import LLM
+
+        self.llm = LLM(model=path, dtype="bfloat16" if dtype == "auto" else dtype, gpu_memory_utilization=gpu_memory_utilization)
+        self.batch_size = batch_size  # rows per call: vLLM schedules them itself
+        self.name = f"vllm:{path}"
+
+    def generate(self, messages_list, *, n=1, temperature=0.0, top_p=1.0, max_new_tokens=256, seed=0):
+        from vllm import SamplingParams
+
+        _check_generate_args(n, temperature, top_p, max_new_tokens)
+        params = [
+            SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=s)
+            for s in _prompt_seeds(seed, len(messages_list))
+        ]
+        outputs = self.llm.chat(list(messages_list), sampling_params=params, use_tqdm=False, add_generation_prompt=True)
+        return [
+            [Sample(text=c.text, num_tokens=len(c.token_ids), truncated=c.finish_reason == "length") for c in request.outputs]
+            for request in outputs
+        ]
+
+
+def load_backend(model: str, *, backend: str = "auto", dtype: str = "auto", batch_size: int | None = None, device: str | None = None) -> GenerationBackend:
+    """A backend for a model folder or hub id. ``auto``: vLLM when it is importable and a GPU is
+    present, else Hugging Face. ``batch_size``: rows per ``generate`` batch (HF; default 16)."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"backend must be auto, hf or vllm, got {backend!r}")
+    if backend == "auto":
+        backend = "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    if backend == "vllm":
+        return VLLMBackend(model, dtype=dtype, **({"batch_size": batch_size} if batch_size else {}))
+    return HFBackend.from_pretrained(model, dtype=dtype, device=device, batch_size=batch_size or 16)

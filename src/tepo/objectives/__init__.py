@@ -1,0 +1,44 @@
+"""Policy objectives as exact, pure PyTorch functions (the contract: spec/OBJECTIVES.md).
+
+    out = policy_loss("tepo", logp=..., old_logp=..., advantages=..., mask=...)
+    out.loss.backward(); log(out.metrics)
+
+Registered objectives: grpo, dapo, dr_grpo (ppo.py); gspo, gspo_token, tepo (sequence.py);
+clip_cov, kl_cov (cov.py). Shared formulas live in _common.py, hyper-parameters in _registry.py.
+A new objective is one function decorated with ``@register_objective(name, **defaults)`` that maps
+a `PolicyBatch` to `ObjectiveTerms`. This package imports only torch and the standard library.
+"""
+
+from tepo.objectives._common import AGG_MODES, KL_ESTIMATORS, ObjectiveTerms, PolicyBatch
+from tepo.objectives._policy_loss import PolicyLossOutput, policy_loss
+from tepo.objectives._registry import SHARED_DEFAULTS, default_hparams, list_objectives, register_objective
+from tepo.objectives.errors import (
+    InvalidHyperparameterError,
+    MissingInputError,
+    ObjectiveError,
+    ShapeMismatchError,
+    UnknownHyperparameterError,
+    UnknownObjectiveError,
+)
+
+# Registration happens on import.
+from tepo.objectives import cov, ppo, sequence  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "AGG_MODES",
+    "KL_ESTIMATORS",
+    "SHARED_DEFAULTS",
+    "InvalidHyperparameterError",
+    "MissingInputError",
+    "ObjectiveError",
+    "ObjectiveTerms",
+    "PolicyBatch",
+    "PolicyLossOutput",
+    "ShapeMismatchError",
+    "UnknownHyperparameterError",
+    "UnknownObjectiveError",
+    "default_hparams",
+    "list_objectives",
+    "policy_loss",
+    "register_objective",
+]

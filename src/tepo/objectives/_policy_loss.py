@@ -1,0 +1,88 @@
+"""`policy_loss`: the one entry point; everything an objective shares happens here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tepo.objectives._common import aggregate, kl_estimate, masked_mean, prepare_batch, ratio_metrics
+from tepo.objectives._registry import get_objective
+from tepo.objectives.errors import MissingInputError
+
+
+@dataclass
+class PolicyLossOutput:
+    """loss: 0-dim tensor (float32, or float64 for float64 inputs) that back-propagates into logp
+    (and into entropy when entropy_coef != 0). metrics: floats over the valid tokens."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def policy_loss(
+    name: str,
+    *,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    old_entropy: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    **hparams,
+) -> PolicyLossOutput:
+    """Policy loss of objective `name` on one mini-batch (see docs in OBJECTIVES.md).
+
+    Tensors: logp, old_logp, mask (B, T); advantages (B,) or (B, T); ref_logp, entropy,
+    old_entropy (B, T) or None. bf16/fp16/fp32 inputs are computed in float32, float64 in float64.
+    hparams: those of `default_hparams(name)`; None means the default.
+
+        loss = agg( l + beta_kl * KL_est(ref_logp - logp) ) + extra - entropy_coef * agg(entropy)
+
+    where l is the objective's per-token loss and extra its post-aggregation term (TEPO's KL mask).
+    Metrics: clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_min, ratio_max,
+    approx_kl; cov_selected (clip_cov, kl_cov); kl_mask_frac (tepo); entropy_mean (entropy given).
+    """
+    spec = get_objective(name)
+    hp = spec.resolve(hparams)
+    if hp["beta_kl"] > 0 and ref_logp is None:
+        raise MissingInputError(
+            f"beta_kl={hp['beta_kl']} needs ref_logp (B, T), the reference policy's log-probs; "
+            "pass ref_logp or set beta_kl=0"
+        )
+    if hp["entropy_coef"] != 0 and entropy is None:
+        raise MissingInputError(
+            f"entropy_coef={hp['entropy_coef']} needs entropy (B, T); pass entropy or set entropy_coef=0"
+        )
+    batch = prepare_batch(
+        logp=logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        entropy=entropy,
+        old_entropy=old_entropy,
+        generator=generator,
+    )
+    terms = spec.fn(batch, hp)
+
+    per_token = terms.per_token
+    if hp["beta_kl"] > 0:
+        per_token = per_token + hp["beta_kl"] * kl_estimate(batch.ref_logp - batch.logp, hp["kl_estimator"])
+    loss = aggregate(per_token, batch, hp["agg"], hp["max_len"])
+    if terms.extra_loss is not None:
+        loss = loss + terms.extra_loss
+    if hp["entropy_coef"] != 0:
+        loss = loss - hp["entropy_coef"] * aggregate(batch.entropy, batch, hp["agg"], hp["max_len"])
+
+    metrics = ratio_metrics(batch, terms)
+    metrics.update(terms.metrics)
+    if batch.entropy is not None:
+        metrics["entropy_mean"] = masked_mean(batch.entropy.detach(), batch)
+    names = list(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=batch.logp.dtype, device=batch.logp.device) for k in names])
+    return PolicyLossOutput(loss=loss, metrics=dict(zip(names, (float(v) for v in values.tolist()))))

@@ -1,0 +1,276 @@
+"""Training callbacks: per-step clock, non-finite guard, held-out evaluation, metrics.jsonl, progress.
+
+Metrics reach every logger the same way: a callback appends a value to the trainer's TRL metric
+buffer (`trainer._metrics["train"][name]`) before the step is logged, TRL's `log` averages the
+buffer into the step's logs dict, and from there transformers hands it to the `report_to` loggers,
+the stability monitor and `MetricsJsonlWriter` alike. With `logging_steps=1` (enforced by
+TEPOConfig) one log is one optimiser step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+# The columns of metrics.jsonl, in order; every row has all of them (null where not measured:
+# kl_mask_frac only for tepo, cov_selected only for clip_cov / kl_cov).
+METRIC_KEYS = (
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "zero_var_frac",
+    "entropy_mean",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "approx_kl",
+    "kl_mask_frac",
+    "cov_selected",
+    "completion_len_mean",
+    "completion_len_max",
+    "truncated_frac",
+    "grad_norm",
+    "loss",
+    "learning_rate",
+    "step_time_s",
+    "tokens_per_s",
+)
+# Written when present.
+EXTRA_KEYS = (
+    "heldout_accuracy",
+    "nonfinite_skipped",
+    "rollout",
+    "dynamic_sampling/rounds",
+    "dynamic_sampling/kept_frac",
+    "dynamic_sampling/short",
+    "monitor_warnings",
+)
+
+
+def _record(trainer, name: str, value: float) -> None:
+    trainer._metrics["train"][name].append(float(value))
+
+
+def _json_value(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null (a non-finite step is also counted in nonfinite_skipped)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimiser step (generation, forward/backward, clipping, optimiser step),
+    and tokens_per_s = non-padding prompt+completion tokens the step trained on / that time."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._t0: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        self.trainer._tokens_in_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is None:
+            return
+        seconds = time.perf_counter() - self._t0
+        tokens = float(self.trainer._tokens_in_step)
+        _record(self.trainer, "step_time_s", seconds)
+        _record(self.trainer, "tokens_per_s", tokens / seconds if seconds > 0 else float("nan"))
+        self._t0 = None
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skip the optimiser step when the loss or any gradient is not finite.
+
+    Gradients are set to None just before `optimizer.step()`, so AdamW leaves the weights and its
+    moments alone. `nonfinite_skipped` (a running count) is logged every step. After
+    `max_consecutive` skipped steps in a row, training stops and a checkpoint of the (still
+    finite) weights is saved; `stopped_at` / `message` say so.
+    """
+
+    def __init__(self, trainer, max_consecutive: int):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.trainer = trainer
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self.stopped_at: int | None = None
+        self.message: str | None = None
+        self._loss_nonfinite = False
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Called by the trainer with each micro-batch loss."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._loss_nonfinite = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._loss_nonfinite = False
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model = model if model is not None else self.trainer.model
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = not self._loss_nonfinite
+        if finite and grads:
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+            finite = bool(torch.isfinite(total))
+        if finite:
+            self.consecutive = 0
+        else:
+            for p in model.parameters():
+                p.grad = None
+            self.skipped += 1
+            self.consecutive += 1
+            step = state.global_step + 1
+            logger.warning(
+                "step %d: non-finite %s; optimiser step skipped (%d in a row, %d in all)",
+                step, "loss" if self._loss_nonfinite else "gradient", self.consecutive, self.skipped,
+            )
+        _record(self.trainer, "nonfinite_skipped", self.skipped)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.consecutive >= self.max_consecutive and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            self.message = (
+                f"training stopped at step {state.global_step}: {self.consecutive} optimiser steps in a row had a "
+                f"non-finite loss or gradient (max_nonfinite_steps={self.max_consecutive}); their updates were "
+                f"skipped, so the checkpoint saved at this step holds the last finite weights"
+            )
+            logger.error(self.message)
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+class HeldoutEvalCallback(TrainerCallback):
+    """Greedy accuracy on held-out problems every `every` optimiser steps, logged as heldout_accuracy."""
+
+    def __init__(self, trainer, problems: Sequence[dict], *, every: int, max_new_tokens: int, batch_size: int = 16):
+        self.trainer = trainer
+        self.problems = list(problems)
+        self.every = every
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.results: dict[int, dict] = {}
+
+    def evaluate(self) -> dict:
+        from tepo.evaluation.runner import greedy_accuracy
+
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return greedy_accuracy(
+            (model, self.trainer.processing_class), self.problems,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and self.problems and state.global_step % self.every == 0:
+            result = self.evaluate()
+            self.results[state.global_step] = result
+            _record(self.trainer, "heldout_accuracy", result["accuracy"])
+        return control
+
+
+class MetricsJsonlWriter(TrainerCallback):
+    """`OUTPUT_DIR/metrics.jsonl`: one JSON object per optimiser step (`step` + METRIC_KEYS + extras).
+
+    Resuming from a checkpoint at step S keeps the rows with step <= S (and drops a torn last line
+    left by a crash), so the file stays continuous: no duplicated and no missing steps."""
+
+    def __init__(self, output_dir: str | os.PathLike | None = None):
+        self.output_dir = output_dir
+        self.path: Path | None = None
+        self.last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.path = Path(self.output_dir or args.output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [r for r in read_metrics(self.path) if r["step"] <= state.global_step] if self.path.exists() else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.path)
+        self.last_step = rows[-1]["step"] if rows else 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.path is None or not state.is_world_process_zero:
+            return
+        # Training-step logs only: not the end-of-training summary, not TRL eval logs.
+        if "train_runtime" in logs or any(str(k).startswith("eval_") for k in logs):
+            return
+        step = int(state.global_step)
+        if step <= self.last_step:
+            return
+        row = {"step": step}
+        for key in METRIC_KEYS:
+            row[key] = _json_value(logs.get(key))
+        for key in EXTRA_KEYS:
+            if key in logs:
+                row[key] = _json_value(logs[key])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.last_step = step
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is dropped, a bad line elsewhere
+    is an error naming file:line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                logger.warning("%s:%d: dropping a torn last line", path, number)
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{number}: a row must be a JSON object with an integer 'step'")
+        rows.append(row)
+    return rows
+
+
+class CompactProgressCallback(ProgressCallback):
+    """transformers' progress bar, with one short line per step instead of the whole logs dict."""
+
+    SHOWN = ("loss", "reward_mean", "accuracy", "entropy_mean", "clip_frac", "approx_kl", "step_time_s", "heldout_accuracy")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "train_runtime" in logs:
+            return
+        parts = [f"step {state.global_step}"]
+        for key in self.SHOWN:
+            value = logs.get(key)
+            if isinstance(value, (int, float)):
+                parts.append(f"{key} {value:.4g}")
+        if logs.get("nonfinite_skipped"):
+            parts.append(f"nonfinite_skipped {int(logs['nonfinite_skipped'])}")
+        self.training_bar.write("  ".join(parts))

@@ -1,0 +1,274 @@
+"""`tepo train`: RL fine-tuning of a language model with any objective.
+
+    tepo train [--config recipes/X.yaml] [--model M] --objective NAME
+               (--task arithmetic [--levels 1,2] | --data PATH) --max_steps N --output_dir DIR
+               [--resume_from_checkpoint true|PATH] [--heldout_eval false] [...any TEPOConfig/TRL field]
+
+Arguments are TRL's `TrlParser`: a YAML recipe sets defaults, the command line overrides them, and
+every `TEPOConfig` / `GRPOConfig` / `TrainingArguments` field is an option under its own name.
+Order of work: parse and validate everything, load and validate the data, then load the model.
+Outputs in OUTPUT_DIR: metrics.jsonl (one row per optimiser step), eval_before.json and
+eval_after.json (greedy held-out accuracy), run.json (the settings), monitor.json, checkpoint-N/,
+and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_STOPPED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass
+class TrainScriptArguments:
+    """What to train and on what; everything about how is in TEPOConfig."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model folder or hub id (default: the offline SmolLM2-135M-Instruct)."},
+    )
+    task: str | None = field(default=None, metadata={"help": "Built-in task: arithmetic (disjoint train/test splits)."})
+    data: str | None = field(default=None, metadata={"help": "Training problems: a JSONL file with id, problem, answer."})
+    levels: str | None = field(default=None, metadata={"help": "Task difficulty levels, comma-separated (e.g. 1,2)."})
+    num_problems: int | None = field(default=None, metadata={"help": "Training problems to use (default: the task's default / the whole file)."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the task generator / problem sampling."})
+    heldout_eval: bool = field(
+        default=True,
+        metadata={"help": "Greedy held-out accuracy before and after training (eval_before.json, eval_after.json)."},
+    )
+    heldout_data: str | None = field(default=None, metadata={"help": "Held-out problems (JSONL); default: the task's test split."})
+    heldout_num_problems: int = field(default=150, metadata={"help": "Held-out problems to evaluate."})
+    heldout_batch_size: int = field(default=32, metadata={"help": "Rows per generate batch in held-out evaluation."})
+
+
+def _levels(text: str | None) -> list[int] | None:
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--levels: expected comma-separated integers such as 1,2, got {text!r}") from None
+
+
+def _given(argv: list[str], name: str) -> bool:
+    """Whether --name was set on the command line or in the --config YAML."""
+    flag = f"--{name}"
+    if any(a == flag or a.startswith(flag + "=") for a in argv):
+        return True
+    if "--config" in argv:
+        import yaml
+
+        path = argv[argv.index("--config") + 1]
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+        return isinstance(config, dict) and config.get(name) is not None
+    return False
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse(argv: list[str]):
+    """(TrainScriptArguments, TEPOConfig), validated; raises ValueError with a message for the user."""
+    from trl import TrlParser
+
+    from tepo.training.config import TEPOConfig
+
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        if not os.path.isfile(argv[i + 1]):
+            raise ValueError(f"--config {argv[i + 1]}: no such file")
+    if any(a in ("-h", "--help") for a in argv):
+        TrlParser((TrainScriptArguments, TEPOConfig), prog="tepo train").parse_args_and_config(argv)
+    if not _given(argv, "use_cpu") and not _cuda_available():
+        # transformers refuses bf16 on a machine without a GPU unless use_cpu is set
+        print("tepo train: no GPU found, training on CPU (use_cpu=true)", file=sys.stderr)
+        argv = [*argv, "--use_cpu", "true"]
+    if not _given(argv, "output_dir"):
+        raise ValueError("--output_dir is required (where metrics.jsonl, checkpoints and the model go)")
+    parser = TrlParser((TrainScriptArguments, TEPOConfig), prog="tepo train")
+    script, config = parser.parse_args_and_config(argv)
+    if (script.task is None) == (script.data is None):
+        raise ValueError("give exactly one of --task arithmetic or --data PATH")
+    if script.heldout_eval and script.task is None and script.heldout_data is None:
+        raise ValueError(
+            "--heldout_eval needs held-out problems: --data has no test split of its own, so give "
+            "--heldout_data PATH, or --heldout_eval false"
+        )
+    if script.heldout_num_problems < 1 or script.heldout_batch_size < 1:
+        raise ValueError("--heldout_num_problems and --heldout_batch_size must be >= 1")
+    return script, config
+
+
+def load_problems(script: TrainScriptArguments) -> tuple[list[dict], list[dict] | None]:
+    """Training problems and held-out problems (None when held-out evaluation is off)."""
+    from tepo.tasks import load_task
+
+    levels = _levels(script.levels)
+    kwargs: dict[str, Any] = {"seed": script.task_seed}
+    if levels is not None:
+        kwargs["levels"] = levels
+    if script.num_problems is not None:
+        kwargs["num_problems"] = script.num_problems
+    train = load_task(task=script.task, data=script.data, split="train", **kwargs)
+    if not train:
+        raise ValueError(f"no training problems in {script.data or script.task}")
+    heldout = None
+    if script.heldout_eval:
+        held_kwargs: dict[str, Any] = {"seed": script.task_seed, "num_problems": script.heldout_num_problems}
+        if script.heldout_data is not None:
+            heldout = load_task(data=script.heldout_data, split="test", **held_kwargs)
+        else:
+            if levels is not None:
+                held_kwargs["levels"] = levels
+            heldout = load_task(task=script.task, split="test", **held_kwargs)
+        train_ids = {str(p["id"]) for p in train}
+        overlap = [p["id"] for p in heldout if str(p["id"]) in train_ids]
+        if overlap:
+            raise ValueError(f"held-out problems also in the training set (ids {overlap[:5]}...); use disjoint data")
+    return train, heldout
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint: None/false -> None; true -> the newest complete checkpoint of
+    output_dir (None, with a note, when there is none yet); a path -> that path (must exist)."""
+    from tepo.training.trainer import last_complete_checkpoint
+
+    if value is None or str(value).lower() in ("false", "no", "0", ""):
+        return None
+    if str(value).lower() in ("true", "yes", "1"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            print(f"tepo train: no checkpoint in {output_dir} yet; starting from scratch", file=sys.stderr)
+        return found
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no trainer_state.json)")
+    return value
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def heldout_eval(trainer, problems: list[dict], *, max_new_tokens: int, batch_size: int, step: int) -> dict:
+    from tepo.evaluation.runner import greedy_accuracy
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    result = greedy_accuracy((model, trainer.processing_class), problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return {"step": step, "max_new_tokens": max_new_tokens, **result}
+
+
+def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, float | None]:
+    """Mean sampled reward of the first and the last n rollouts (not steps: a rollout serves several)."""
+    by_rollout: dict[Any, float] = {}
+    for row in rows:
+        if row.get("reward_mean") is not None:
+            by_rollout.setdefault(row.get("rollout", row["step"]), row["reward_mean"])
+    values = list(by_rollout.values())
+    if not values:
+        return None, None
+    first, last = values[:n], values[-n:]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    try:
+        script, config = parse(argv)
+        train_problems, heldout = load_problems(script)
+        resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"tepo train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from tepo.models import resolve_model
+    from tepo.tasks import to_prompt_dataset
+    from tepo.training.callbacks import read_metrics, METRICS_FILE
+    from tepo.training.trainer import TEPOTrainer, summarize_hparams
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(script.model)
+    dataset = to_prompt_dataset(train_problems)
+    _write_json(out / "run.json", {
+        "command": "tepo train " + " ".join(argv),
+        "model": model_path,
+        "script": asdict(script),
+        "objective": summarize_hparams(config),
+        "num_train_problems": len(train_problems),
+        "num_heldout_problems": len(heldout) if heldout else 0,
+        "config": config.to_dict(),
+    })
+    print(f"tepo train: {config.objective} on {len(train_problems)} problems, model {model_path}, "
+          f"{config.max_steps} steps -> {out}", file=sys.stderr)
+
+    trainer = TEPOTrainer(model=model_path, args=config, train_dataset=dataset, heldout_problems=heldout)
+    max_new = config.heldout_max_new_tokens or config.max_completion_length
+
+    before = None
+    if heldout:
+        if resume and (out / "eval_before.json").exists():
+            before = json.loads((out / "eval_before.json").read_text())
+        else:
+            print(f"tepo train: held-out greedy accuracy before training ({len(heldout)} problems)...", file=sys.stderr)
+            before = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=0)
+            _write_json(out / "eval_before.json", before)
+            print(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}", file=sys.stderr)
+
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - train_started
+    guard = trainer.nonfinite_guard
+    if guard.stopped_at is not None:
+        print(f"tepo train: {guard.message}", file=sys.stderr)
+        return EXIT_STOPPED
+
+    trainer.save_model(str(out))
+    after = None
+    if heldout:
+        print("tepo train: held-out greedy accuracy after training...", file=sys.stderr)
+        after = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size,
+                             step=int(trainer.state.global_step))
+        _write_json(out / "eval_after.json", after)
+
+    rows = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
+    first, last = _reward_first_last(rows)
+    lines = [
+        "",
+        f"tepo train: done ({config.objective})",
+        f"  steps              {trainer.state.global_step} (this run: {len(rows)} rows in metrics.jsonl)",
+        f"  time               training {train_seconds:.0f} s, total {time.perf_counter() - started:.0f} s",
+    ]
+    if first is not None:
+        lines.append(f"  sampled reward     {first:.3f} (first 5 rollouts) -> {last:.3f} (last 5)")
+    if before is not None and after is not None:
+        lines.append(
+            f"  held-out accuracy  {before['accuracy']:.1%} -> {after['accuracy']:.1%} "
+            f"(greedy, {after['num_problems']} problems, {max_new} new tokens)"
+        )
+    if trainer.nonfinite_guard.skipped:
+        lines.append(f"  non-finite steps   {trainer.nonfinite_guard.skipped} skipped")
+    monitor = trainer.monitor_callback
+    if monitor is not None and monitor.monitor.active():
+        lines.append(f"  stability monitor  {', '.join(monitor.monitor.active())} (see monitor.json)")
+    lines.append(f"  outputs            {out}/ (metrics.jsonl, eval_*.json, model)")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

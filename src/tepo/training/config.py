@@ -1,0 +1,230 @@
+"""`TEPOConfig`: TRL's `GRPOConfig` plus the objective and its hyper-parameters.
+
+The policy loss is ours (`tepo.objectives.policy_loss`), so TRL's own loss knobs (loss_type,
+epsilon, epsilon_high, importance_sampling_level, top_entropy_quantile, delta, beta, ...) would be
+silently ignored if we let them through. They are refused instead, with the name of the field that
+does the job here. Everything is checked in `__post_init__`, i.e. when the config is built or
+parsed by `TrlParser`, before any model or data set is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from trl import GRPOConfig
+
+# Objective hyper-parameters, named as in spec/OBJECTIVES.md. None = the objective's default.
+HPARAM_FIELDS = (
+    "clip_low",
+    "clip_high",
+    "agg",
+    "max_len",
+    "beta_kl",
+    "kl_estimator",
+    "entropy_coef",
+    "tepo_kl_coef",
+    "cov_ratio",
+    "cov_lb",
+    "cov_ub",
+    "kl_cov_coef",
+)
+
+# TRL loss knobs our objective replaces: field -> (value that means "unset", what to use instead).
+REPLACED_TRL_FIELDS: dict[str, tuple[Any, str]] = {
+    "loss_type": (None, "set --objective (grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov) instead"),
+    "epsilon": (None, "set --clip_low instead"),
+    "epsilon_high": (None, "set --clip_high instead"),
+    "importance_sampling_level": (None, "set --objective gspo, gspo_token or tepo for sequence-level ratios instead"),
+    "top_entropy_quantile": (None, "leave it unset (token selection is part of clip_cov / kl_cov)"),
+    "delta": (None, "leave it unset (two-sided clipping is not part of any objective here)"),
+    "off_policy_mask_threshold": (None, "leave it unset (off-policy sequence masking is not supported)"),
+    "use_bias_correction_kl": (False, "leave it false (the KL term is the plain estimator of --kl_estimator)"),
+    "use_adaptive_entropy": (False, "set a constant --entropy_coef instead"),
+    "vllm_importance_sampling_correction": (
+        False, "set it to false (the objectives take the trainer's recomputed log-probs as pi_old)"
+    ),
+}
+
+
+@dataclass
+class TEPOConfig(GRPOConfig):
+    """GRPOConfig + `objective` and its hyper-parameters, dynamic sampling, held-out evaluation and
+    the non-finite guard. Hyper-parameters left at None take the objective's default
+    (`tepo.objectives.default_hparams(objective)`)."""
+
+    objective: str = field(
+        default="tepo",
+        metadata={"help": "Policy objective: grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov."},
+    )
+    clip_low: float | None = field(default=None, metadata={"help": "Lower clip: ratio >= 1 - clip_low. None: objective default."})
+    clip_high: float | None = field(default=None, metadata={"help": "Upper clip: ratio <= 1 + clip_high. None: objective default."})
+    agg: str | None = field(
+        default=None,
+        metadata={"help": "Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."},
+    )
+    max_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Constant of seq-mean-token-sum-norm (Dr. GRPO). None: max_completion_length (the generation "
+            "budget, as in Dr. GRPO and TRL), not the padded length of each micro-batch."
+        },
+    )
+    beta_kl: float | None = field(default=None, metadata={"help": "Coefficient of the per-token KL to the reference model (0: no reference model)."})
+    kl_estimator: str | None = field(default=None, metadata={"help": "KL estimator for beta_kl: k1, k2 or k3."})
+    # Redefines GRPOConfig.entropy_coef (same meaning: a constant entropy bonus), now applied by our loss.
+    entropy_coef: float | None = field(default=None, metadata={"help": "Entropy bonus: loss -= entropy_coef * agg(entropy)."})
+    tepo_kl_coef: float | None = field(default=None, metadata={"help": "TEPO token-level KL mask coefficient (0: TEPO as first published)."})
+    cov_ratio: float | None = field(default=None, metadata={"help": "Clip-Cov / KL-Cov: fraction of valid tokens selected."})
+    cov_lb: float | None = field(default=None, metadata={"help": "Clip-Cov: lower covariance bound of candidates."})
+    cov_ub: float | None = field(default=None, metadata={"help": "Clip-Cov: upper covariance bound of candidates."})
+    kl_cov_coef: float | None = field(default=None, metadata={"help": "KL-Cov: coefficient of |logp - old_logp| on selected tokens."})
+
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO dynamic sampling: drop prompt groups whose rewards all agree and refill the batch with "
+            "freshly generated groups (at most max_resample_rounds rounds). Single process only."
+        },
+    )
+    max_resample_rounds: int = field(default=3, metadata={"help": "Dynamic sampling: most refill rounds per rollout batch."})
+    heldout_eval_steps: int = field(
+        default=0,
+        metadata={"help": "Greedy held-out accuracy every N optimiser steps during training (0: never)."},
+    )
+    heldout_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens per held-out answer. None: max_completion_length."}
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Non-finite loss or gradient: the optimiser step is skipped; after this many in a row, "
+            "training stops and a checkpoint is saved."
+        },
+    )
+    stability_monitor: bool = field(default=True, metadata={"help": "Run tepo's stability monitor (writes monitor.json)."})
+
+    # TRL loss knobs our objective replaces: unset by default, refused when set (see REPLACED_TRL_FIELDS).
+    loss_type: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
+    epsilon: float | None = field(default=None, metadata={"help": "Not used: set --clip_low."})
+    importance_sampling_level: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
+    top_entropy_quantile: float | None = field(default=None, metadata={"help": "Not used."})
+    vllm_importance_sampling_correction: bool = field(default=False, metadata={"help": "Not supported (must be false)."})
+    use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported (must be false)."})
+    # metrics.jsonl has one row per optimiser step.
+    logging_steps: float = field(default=1, metadata={"help": "Must be 1: metrics.jsonl logs every optimiser step."})
+
+    def __post_init__(self):
+        self._check_tepo_fields()
+        super().__post_init__()
+        self._check_batch_shape()
+        self._map_reference_model()
+
+    # ---------------------------------------------------------------------------------------
+    def _check_tepo_fields(self) -> None:
+        from tepo.objectives import ObjectiveError, default_hparams, list_objectives, policy_loss
+
+        known = list_objectives()
+        if self.objective not in known:
+            raise ValueError(f"objective={self.objective!r} is not known; valid: {', '.join(known)}")
+        for name, (unset, instead) in REPLACED_TRL_FIELDS.items():
+            value = getattr(self, name)
+            if value != unset:
+                raise ValueError(
+                    f"{name}={value!r} is a TRL loss setting that tepo's objectives replace (it would be "
+                    f"ignored): {instead}"
+                )
+        if self.beta not in (0.0, None) and self.beta != self.beta_kl:
+            raise ValueError(
+                f"beta={self.beta!r}: TRL's KL coefficient is not used by tepo's objectives; set --beta_kl instead"
+            )
+        allowed = default_hparams(self.objective)
+        for name in HPARAM_FIELDS:
+            if getattr(self, name) is not None and name not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not a hyper-parameter of objective {self.objective!r}; "
+                    f"its hyper-parameters are: {', '.join(sorted(allowed))}"
+                )
+        # Let the objective check the values itself, on a 1x2 batch: the exact same checks the loss runs.
+        import torch
+
+        z = torch.zeros(1, 2)
+        try:
+            policy_loss(
+                self.objective, logp=z, old_logp=z, advantages=torch.zeros(1), mask=torch.ones(1, 2),
+                ref_logp=z, entropy=z, old_entropy=z, **self.objective_hparams(max_len_default=2),
+            )
+        except ObjectiveError as err:
+            raise ValueError(f"objective {self.objective!r}: {err}") from None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        spg = self.steps_per_generation or self.gradient_accumulation_steps
+        generation_batch = self.generation_batch_size or self.per_device_train_batch_size * world * spg
+        if self.num_generations is not None and generation_batch % self.num_generations != 0:
+            raise ValueError(
+                f"the rollout batch (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                f"{world} process(es) x steps_per_generation={spg} = {generation_batch} completions) must be "
+                f"divisible by num_generations={self.num_generations}, so that it holds whole prompt groups"
+            )
+        if self.logging_steps != 1:
+            raise ValueError(
+                f"logging_steps={self.logging_steps!r}: must be 1, metrics.jsonl records every optimiser step "
+                "(TRL's report_to loggers get the same rows)"
+            )
+        for name, low in (("max_resample_rounds", 0), ("heldout_eval_steps", 0), ("max_nonfinite_steps", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length!r} must be a positive integer")
+        if self.max_len is not None and self.max_len < self.max_completion_length:
+            raise ValueError(
+                f"max_len={self.max_len} is shorter than max_completion_length={self.max_completion_length}: "
+                "a completion could be longer than the normaliser of seq-mean-token-sum-norm; "
+                f"use max_len >= {self.max_completion_length} or leave it unset"
+            )
+        if self.heldout_max_new_tokens is not None and self.heldout_max_new_tokens < 1:
+            raise ValueError(f"heldout_max_new_tokens={self.heldout_max_new_tokens!r} must be a positive integer")
+        if self.temperature is None or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0 (sampled rollouts)")
+
+    def _check_batch_shape(self) -> None:
+        # super().__post_init__ filled generation_batch_size / steps_per_generation; name the fields plainly.
+        if self.generation_batch_size % self.num_generations != 0:  # pragma: no cover - TRL raises first
+            raise ValueError(
+                f"per_device_train_batch_size x processes x steps_per_generation = {self.generation_batch_size} "
+                f"is not divisible by num_generations={self.num_generations}"
+            )
+        if self.dynamic_sampling and self.world_size > 1:
+            raise ValueError(
+                f"dynamic_sampling=True supports one process only (this run has {self.world_size}); "
+                "prompt groups may span processes, so dropping one needs every rank's rewards"
+            )
+
+    def _map_reference_model(self) -> None:
+        # TRL loads a reference model and computes ref log-probs only when its beta != 0.
+        beta_kl = self.resolved_hparams()["beta_kl"]
+        self.beta = float(beta_kl) if beta_kl > 0 else 0.0
+
+    # ---------------------------------------------------------------------------------------
+    def objective_hparams(self, *, max_len_default: int | None = None) -> dict[str, Any]:
+        """The hyper-parameters to pass to `policy_loss` (None = objective default), with max_len
+        defaulting to max_completion_length (see the field's help)."""
+        hp = {name: getattr(self, name) for name in HPARAM_FIELDS}
+        if hp["max_len"] is None:
+            hp["max_len"] = max_len_default if max_len_default is not None else self.max_completion_length
+        return hp
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        """Every hyper-parameter of the objective with the value the loss will use."""
+        from tepo.objectives import default_hparams
+
+        resolved = default_hparams(self.objective)
+        resolved.update({k: v for k, v in self.objective_hparams().items() if v is not None and k in resolved})
+        return resolved
+
+
+def tepo_field_names() -> set[str]:
+    """Fields TEPOConfig adds to GRPOConfig (for help texts and tests)."""
+    return {f.name for f in fields(TEPOConfig)} - {f.name for f in fields(GRPOConfig)} | set(HPARAM_FIELDS)

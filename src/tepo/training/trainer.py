@@ -1,0 +1,373 @@
+"""`TEPOTrainer`: TRL's GRPOTrainer with the policy loss handed to `tepo.objectives.policy_loss`.
+
+What is overridden, and why (everything else is TRL's):
+- `_compute_loss`: per-token log-probs and entropies from TRL's `_get_per_token_logps_and_entropies`,
+  then `policy_loss(objective, ...)`; its metrics go to TRL's metric buffer. No clipping or
+  aggregation code here: the objective owns all of it.
+- `_get_per_token_logps_and_entropies`: while a rollout is being scored, the first pass of the
+  policy (the one TRL uses for `old_per_token_logps`) also keeps its entropies as `old_entropy`
+  (TEPO's KL mask compares entropy now with entropy at sampling time). TRL's fused LM head
+  computes them on that pass anyway; this only stops them being thrown away.
+- `_calculate_rewards`: keeps the rewards and completion token ids of the last rollout, for the
+  rollout statistics and for dynamic sampling.
+- `_generate_and_score_completions`: adds `old_entropy` to the batch, records the rollout
+  statistics, and (with `dynamic_sampling`) filters and refills the batch.
+- `_save_checkpoint`: writes each checkpoint under a staging folder and renames it into place, so
+  a crash never leaves a half-written `checkpoint-N` that `resume_from_checkpoint=True` would pick.
+
+Aggregation scope: `policy_loss` aggregates over the micro-batch it is given. With
+`gradient_accumulation_steps = k > 1` the optimiser step's loss is the mean of k micro-batch
+losses, which is not the global token-mean (or seq-mean) over all k micro-batches when they hold
+different numbers of tokens. With k = 1 (every recipe here) each optimiser step's loss is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from typing import Any, Sequence
+
+import torch
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from tepo.objectives import policy_loss
+from tepo.training import sampling
+from tepo.training.callbacks import (
+    CompactProgressCallback,
+    HeldoutEvalCallback,
+    MetricsJsonlWriter,
+    NonFiniteGuard,
+    StepClock,
+)
+from tepo.training.config import TEPOConfig
+
+logger = logging.getLogger(__name__)
+
+# Checkpoints are written here first, then renamed to OUTPUT_DIR/checkpoint-N.
+STAGING_DIR = ".checkpoint-staging"
+
+# Model inputs other than ids/mask that TRL's helper forwards (multimodal models); passed through as is.
+_FORWARD_KEYS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)
+
+
+class TEPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose loss is `tepo.objectives.policy_loss(args.objective, ...)`.
+
+    Args: as GRPOTrainer; `args` must be a `TEPOConfig`. `reward_funcs` defaults to
+    `tepo.rewards.math_reward_func`. `heldout_problems` (dicts with id, problem, answer) feed the
+    held-out evaluation every `args.heldout_eval_steps` steps.
+    """
+
+    _tag_names = ["trl", "grpo", "tepo"]
+    _name = "TEPO"
+
+    def __init__(self, model, reward_funcs=None, args: TEPOConfig | None = None, *,
+                 heldout_problems: Sequence[dict] | None = None, **kwargs):
+        if not isinstance(args, TEPOConfig):
+            raise TypeError(f"TEPOTrainer needs args=TEPOConfig(...), got {type(args).__name__}")
+        if reward_funcs is None:
+            from tepo.rewards import math_reward_func
+
+            reward_funcs = math_reward_func
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        # Our policy_loss applies entropy_coef itself; TRL's own bonus branch lives in the
+        # _compute_loss we replace, and this flag must not suggest otherwise.
+        self._entropy_bonus_enabled = False
+        self._loss_hparams = args.objective_hparams()
+        self._cov_generator = torch.Generator().manual_seed(int(args.seed))  # clip_cov's random token choice
+        self._refill_generator = torch.Generator().manual_seed(int(args.seed) + 1)
+        self._refill_order: list[int] = []
+        # Rollout-time state (see the module docstring).
+        self._old_entropy_armed = False
+        self._captured_old_entropy: torch.Tensor | None = None
+        self._last_rewards: torch.Tensor | None = None
+        self._last_completion_ids: list | None = None
+        self._rollout_metrics: dict[str, float] = {}
+        self._rollout_count = 0
+        self._tokens_in_step = 0
+
+        # Callbacks, in the order they must see each step: the clock stops before any evaluation,
+        # the monitor annotates the logs before the writer writes them.
+        self.nonfinite_guard = NonFiniteGuard(self, args.max_nonfinite_steps)
+        self.add_callback(StepClock(self))
+        self.add_callback(self.nonfinite_guard)
+        self.heldout_callback = None
+        if args.heldout_eval_steps and heldout_problems:
+            self.heldout_callback = HeldoutEvalCallback(
+                self, heldout_problems, every=args.heldout_eval_steps,
+                max_new_tokens=args.heldout_max_new_tokens or args.max_completion_length,
+            )
+            self.add_callback(self.heldout_callback)
+        self.monitor_callback = None
+        if args.stability_monitor:
+            from tepo.training.monitor import StabilityMonitorCallback
+
+            self.monitor_callback = StabilityMonitorCallback(output_dir=args.output_dir)
+            self.add_callback(self.monitor_callback)
+        self.metrics_writer = MetricsJsonlWriter(args.output_dir)
+        self.add_callback(self.metrics_writer)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(CompactProgressCallback)
+
+    # ------------------------------------------------------------------------------------------
+    # rollout
+
+    def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
+        capture = self._old_entropy_armed and model is self.model
+        if capture:
+            # The first policy pass while scoring a rollout is TRL's old_per_token_logps pass.
+            self._old_entropy_armed = False
+            compute_entropy = True
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, *args, compute_entropy=compute_entropy, **kwargs
+        )
+        if capture:
+            self._captured_old_entropy = entropies.detach() if entropies is not None else None
+        return logps, entropies, aux_loss
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards = rewards_per_func
+        self._last_completion_ids = completion_ids_list
+        return rewards_per_func
+
+    def _score_round(self, inputs: list[dict]) -> tuple[dict, torch.Tensor, dict[str, float]]:
+        """One call of TRL's rollout: the batch (with old_entropy), the rewards of all processes
+        (G*P,), and the statistics of this round."""
+        self._old_entropy_armed, self._captured_old_entropy = True, None
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+        finally:
+            self._old_entropy_armed = False
+        # TRL just logged its own "reward_std" for this round; ours (same formula, but over the
+        # fresh round only when dynamic sampling refills) is the one metrics.jsonl documents.
+        trl_reward_std = self._metrics["train"].get("reward_std")
+        if trl_reward_std:
+            trl_reward_std.pop()
+        if "old_per_token_logps" in batch and self._captured_old_entropy is not None:
+            batch["old_entropy"] = self._captured_old_entropy
+        self._captured_old_entropy = None
+        per_func = self._last_rewards
+        rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
+        return batch, rewards, self._round_stats(rewards)
+
+    def _round_stats(self, rewards: torch.Tensor) -> dict[str, float]:
+        valid = rewards[~torch.isnan(rewards)]
+        ids = self._last_completion_ids or []
+        eos = set(self.eos_token_ids)
+        device = self.accelerator.device
+        lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32, device=device)
+        truncated = torch.tensor([float(not c or c[-1] not in eos) for c in ids], device=device)
+        lengths, truncated = self.accelerator.gather(lengths), self.accelerator.gather(truncated)
+        varied = sampling.varied_groups(rewards, self.num_generations)
+        return {
+            "reward_mean": valid.mean().item() if valid.numel() else float("nan"),
+            "reward_std": valid.std().item() if valid.numel() > 1 else float("nan"),
+            "accuracy": torch.isclose(torch.nan_to_num(rewards, nan=0.0), torch.ones_like(rewards)).float().mean().item(),
+            "zero_var_frac": 1.0 - varied.float().mean().item(),
+            "completion_len_mean": lengths.mean().item() if lengths.numel() else float("nan"),
+            "completion_len_max": lengths.max().item() if lengths.numel() else float("nan"),
+            "truncated_frac": truncated.mean().item() if truncated.numel() else float("nan"),
+        }
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        batch, rewards, stats = self._score_round(inputs)
+        if self.args.dynamic_sampling:
+            batch, ds_stats = self._dynamic_sampling(batch, rewards)
+            stats.update(ds_stats)
+        self._rollout_count += 1
+        stats["rollout"] = float(self._rollout_count)
+        self._rollout_metrics = stats  # statistics of the freshly sampled groups, before any filtering
+        return batch
+
+    def _refill_inputs(self, num_groups: int) -> list[dict]:
+        """Fresh prompts for dynamic sampling, each repeated num_generations times (as TRL's sampler does)."""
+        rows = []
+        for _ in range(num_groups):
+            if not self._refill_order:
+                n = len(self.train_dataset)
+                self._refill_order = torch.randperm(n, generator=self._refill_generator).tolist()
+            rows.append(self.train_dataset[self._refill_order.pop()])
+        return [row for row in rows for _ in range(self.num_generations)]
+
+    def _dynamic_sampling(self, batch: dict, rewards: torch.Tensor) -> tuple[dict, dict[str, float]]:
+        """Keep the groups whose rewards disagree; refill from fresh prompts for at most
+        max_resample_rounds rounds. If still short, train on what was kept, topped up with
+        zero-variance rows only as far as steps_per_generation needs (equal chunks)."""
+        G, spg = self.num_generations, self.args.steps_per_generation
+        num_groups = rewards.numel() // G
+        varied = sampling.varied_groups(rewards, G)
+        keep_rate = max(varied.float().mean().item(), 1.0 / num_groups)
+        kept = [sampling.select_rows(batch, sampling.rows_of_groups(varied.nonzero().flatten(), G))]
+        spare = [sampling.select_rows(batch, sampling.rows_of_groups((~varied).nonzero().flatten(), G))]
+        have, rounds = int(varied.sum()), 0
+        while have < num_groups and rounds < self.args.max_resample_rounds:
+            rounds += 1
+            missing = num_groups - have
+            draw = min(num_groups, math.ceil(missing / keep_rate))  # oversample at the rate seen so far
+            more, more_rewards, _ = self._score_round(self._refill_inputs(draw))
+            more_varied = sampling.varied_groups(more_rewards, G)
+            take = more_varied.nonzero().flatten()[:missing]
+            kept.append(sampling.select_rows(more, sampling.rows_of_groups(take, G)))
+            spare.append(sampling.select_rows(more, sampling.rows_of_groups((~more_varied).nonzero().flatten(), G)))
+            have += take.numel()
+        short = have < num_groups
+        parts = [k for k in kept if k["advantages"].numel()]
+        if short:
+            rows = have * G
+            target = max(spg, math.ceil(rows / spg) * spg)
+            pool = sampling.concat_batches([s for s in spare if s["advantages"].numel()], pad_token_id=self._pad_id())
+            parts.append(sampling.select_rows(pool, torch.arange(target - rows)))
+            logger.warning(
+                "dynamic sampling: %d of %d groups have reward variance after %d refill rounds; training on "
+                "%d completions (%d zero-variance rows added to fill %d equal chunks)",
+                have, num_groups, rounds, target, target - rows, spg,
+            )
+        merged = sampling.trim_prompt_padding(sampling.concat_batches(parts, pad_token_id=self._pad_id()))
+        merged["num_items_in_batch"] = merged["completion_mask"].sum()
+        stats = {
+            "dynamic_sampling/rounds": float(rounds),
+            "dynamic_sampling/kept_frac": have / num_groups,
+            "dynamic_sampling/short": float(short),
+        }
+        return merged, stats
+
+    def _pad_id(self) -> int:
+        pad = self._tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    # ------------------------------------------------------------------------------------------
+    # loss
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        logp, entropy, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1),
+            compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in _FORWARD_KEYS},
+        )
+        old_logp = inputs.get("old_per_token_logps")
+        if old_logp is None:  # on-policy: TRL skipped the old pass because pi_old == pi_theta here
+            old_logp, old_entropy = logp.detach(), entropy.detach()
+        else:
+            old_entropy = inputs.get("old_entropy")
+        out = policy_loss(
+            self.args.objective,
+            logp=logp, old_logp=old_logp, advantages=inputs["advantages"], mask=mask,
+            ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy, old_entropy=old_entropy,
+            generator=self._cov_generator, **self._loss_hparams,
+        )
+        loss = out.loss
+        if self.aux_loss_enabled:  # MoE load balancing
+            loss = loss + self.router_aux_loss_coef * aux_loss
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self.nonfinite_guard.observe_loss(loss)
+            self._tokens_in_step += int(attention_mask.sum())
+            # The step's loss as logged: the mean of its micro-batch losses, NaN kept as NaN (TRL's
+            # log turns it into null). It replaces transformers' running "loss", which its
+            # logging_nan_inf_filter would fill in with an average of earlier steps.
+            self._metrics[mode]["loss"].append(loss.item())
+            for name, value in self._rollout_metrics.items():
+                self._metrics[mode][name].append(value)
+            loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
+        self._log_loss_metrics(mode, out.metrics)
+        return loss
+
+    def _log_loss_metrics(self, mode: str, metrics: dict[str, float]) -> None:
+        if self.accelerator.num_processes > 1:
+            # Across ranks: min of minima, max of maxima, mean of the rest (ranks weighted equally).
+            names = sorted(metrics)
+            local = torch.tensor([[float(metrics[n]) for n in names]], device=self.accelerator.device)
+            gathered = self.accelerator.gather(local)
+            metrics = {}
+            for i, name in enumerate(names):
+                column = gathered[:, i][~torch.isnan(gathered[:, i])]
+                if column.numel() == 0:
+                    metrics[name] = float("nan")
+                elif name.endswith("_min"):
+                    metrics[name] = column.min().item()
+                elif name.endswith("_max"):
+                    metrics[name] = column.max().item()
+                else:
+                    metrics[name] = column.mean().item()
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(float(value))
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _save_checkpoint(self, model, trial):
+        """TRL/transformers write checkpoint-N in place; here they write it under STAGING_DIR and it
+        is renamed into place once complete (a rename is atomic), then old ones are rotated."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by a crash
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging_root  # instance attribute shadows the method
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            if os.path.exists(final):  # the same step saved again (e.g. after a resume)
+                old = staged + ".replaced"
+                os.replace(final, old)
+                shutil.rmtree(old)
+            os.replace(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest OUTPUT_DIR/checkpoint-N holding a readable trainer_state.json, or None.
+
+    TEPOTrainer only ever creates complete checkpoints (see `_save_checkpoint`); this also guards
+    against folders written by other tools or by older runs."""
+    import json
+
+    output_dir = str(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    candidates = []
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"  # the naming rule of transformers' get_last_checkpoint
+    for entry in os.listdir(output_dir):
+        if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+            candidates.append((int(entry[len(prefix):]), os.path.join(output_dir, entry)))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                json.load(f)
+            return path
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def summarize_hparams(args: TEPOConfig) -> dict[str, Any]:
+    """The objective and every hyper-parameter value the loss uses (for logs and run records)."""
+    return {"objective": args.objective, **args.resolved_hparams()}

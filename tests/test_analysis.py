@@ -1,0 +1,358 @@
+"""tepo.analysis: entropy-law fit, statistics, loading a comparison, and `tepo compare` planning,
+running and skipping with a fake train command (no model is trained here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tepo.analysis import compare as cmp
+from tepo.analysis.cli import compare_main
+from tepo.analysis.entropy_law import fit_entropy_law
+
+# ---------------------------------------------------------------------------------------------
+# a fake comparison folder: 2 objectives x 2 seeds whose held-out accuracy follows the entropy law
+# ---------------------------------------------------------------------------------------------
+LAW = {"grpo": (0.1, 0.75, 30.0), "tepo": (0.2, 1.2, 80.0)}  # a, b, entropy decay time
+STEPS, EVAL_EVERY, H0, BEFORE = 40, 10, 1.5, 0.30
+
+
+def fake_entropy(objective: str, seed: int, step: int) -> float:
+    return H0 * math.exp(-step / (LAW[objective][2] * (1 + 0.1 * seed)))
+
+
+def fake_accuracy(objective: str, seed: int, step: int) -> float:
+    a, b, _ = LAW[objective]
+    return -a * math.exp(fake_entropy(objective, seed, step)) + b
+
+
+def make_fake_comparison(root: Path, with_results: bool = True) -> Path:
+    runs = root / "runs"
+    plan = []
+    for seed in (0, 1):
+        for objective in LAW:
+            run = runs / f"{objective}-s{seed}"
+            run.mkdir(parents=True)
+            rows = []
+            for step in range(1, STEPS + 1):
+                row = {"step": step, "reward_mean": fake_accuracy(objective, seed, step) - 0.1 + 0.01 * ((step * 7 + seed) % 3 - 1),
+                       "entropy_mean": fake_entropy(objective, seed, step), "clip_frac": 0.01 * (1 + seed),
+                       "clip_frac_low": 0.004, "clip_frac_high": 0.006, "approx_kl": 0.001 * step ** 0.5,
+                       "ratio_max": 1.3, "ratio_min": 0.8, "completion_len_mean": 40.0 - step / 4,
+                       "truncated_frac": 0.3, "grad_norm": 1.0, "loss": 0.0, "step_time_s": 2.0 + seed,
+                       "zero_var_frac": 0.5, "kl_mask_frac": None}
+                if step % EVAL_EVERY == 0:
+                    row["heldout_accuracy"] = fake_accuracy(objective, seed, step)
+                rows.append(row)
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            (run / "eval_before.json").write_text(json.dumps({"accuracy": BEFORE, "correct": 30, "num_problems": 100}))
+            after = fake_accuracy(objective, seed, STEPS)
+            (run / "eval_after.json").write_text(json.dumps({"accuracy": after, "correct": round(100 * after), "num_problems": 100}))
+            (run / "DONE").write_text("{}")
+            if with_results:
+                p1 = after - 0.05 + 0.02 * seed
+                bench = {"n": 4, "num_problems": 50, "avg@4": p1, "pass@1": p1, "pass@4": p1 + 0.2,
+                         "ci": {"avg@4": [p1 - 0.1, p1 + 0.1], "pass@1": [p1 - 0.1, p1 + 0.1], "pass@4": [p1 + 0.1, p1 + 0.3]},
+                         "pass_curve": {"1": p1, "2": p1 + 0.1, "3": p1 + 0.15, "4": p1 + 0.2}}
+                (run / "eval").mkdir()
+                (run / "eval" / "results.json").write_text(json.dumps({"benchmarks": {"math500": bench}, "macro": {}, "config": {}}))
+            plan.append({"name": run.name, "objective": objective, "seed": seed, "status": "done"})
+    (root / "compare.json").write_text(json.dumps({"objectives": list(LAW), "seeds": [0, 1], "train_args": ["--max_steps", str(STEPS)], "runs": plan}))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# entropy law
+# ---------------------------------------------------------------------------------------------
+def test_entropy_law_research_notes_example():
+    h = np.array([1.0, 0.5, 0.1])
+    r = -0.3 * np.exp(h) + 0.9
+    np.testing.assert_allclose(r, [0.0845, 0.4054, 0.5684], atol=5e-5)  # research-notes §6.6 values
+    fit = fit_entropy_law(h, r)
+    assert fit.a == pytest.approx(0.3, abs=1e-12) and fit.b == pytest.approx(0.9, abs=1e-12)
+    assert fit.ceiling == pytest.approx(0.6, abs=1e-12)
+    assert fit.r2 == pytest.approx(1.0) and fit.rmse == pytest.approx(0.0, abs=1e-12) and fit.n == 3
+    assert fit.predict(1.0) == pytest.approx(0.0845, abs=5e-5)
+    assert fit.predict(0.0) == pytest.approx(fit.ceiling)
+
+
+def test_entropy_law_noisy_fit_matches_closed_form():
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0.2, 1.5, 200)
+    r = -0.25 * np.exp(h) + 0.95 + rng.normal(0, 0.02, h.size)
+    fit = fit_entropy_law(h, r)
+    # independent closed form of simple linear regression of r on x = exp(h): slope = -a
+    x = np.exp(h)
+    slope = ((x - x.mean()) * (r - r.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert fit.a == pytest.approx(-slope, rel=1e-9)
+    assert fit.b == pytest.approx(r.mean() - slope * x.mean(), rel=1e-9)
+    assert abs(fit.a - 0.25) < 0.02 and 0.8 < fit.r2 < 1.0
+
+
+def test_entropy_law_bad_input():
+    with pytest.raises(ValueError, match="different entropy"):
+        fit_entropy_law([1.0, 1.0, 1.0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="entropy has 2 values but performance has 3"):
+        fit_entropy_law([1.0, 2.0], [0.1, 0.2, 0.3])
+    fit = fit_entropy_law([0.5, float("nan"), 1.0, 0.2], [0.4, 0.5, 0.1, float("inf")])
+    assert fit.n == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("df, expected", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (10, 2.228139), (30, 2.042272)])
+def test_t_quantile_matches_tables(df, expected):
+    assert cmp.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-6)
+    assert cmp.t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-6)
+    assert cmp.t_cdf(expected, df) == pytest.approx(0.975, abs=1e-7)
+
+
+def test_mean_std_ci():
+    values = [0.52, 0.61, 0.58]
+    stats = cmp.mean_std_ci(values)
+    half = 4.302653 * statistics.stdev(values) / math.sqrt(3)
+    assert stats["mean"] == pytest.approx(statistics.mean(values))
+    assert stats["std"] == pytest.approx(statistics.stdev(values))
+    assert stats["ci_low"] == pytest.approx(statistics.mean(values) - half, abs=1e-6)
+    assert stats["ci_high"] == pytest.approx(statistics.mean(values) + half, abs=1e-6)
+    one = cmp.mean_std_ci([0.5])
+    assert one["n"] == 1 and math.isnan(one["ci_low"]) and math.isnan(one["std"])
+
+
+def test_moving_average_and_aggregate():
+    np.testing.assert_allclose(cmp.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    band = cmp.aggregate_over_seeds([(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])),
+                                     (np.array([2.0, 3.0]), np.array([4.0, 5.0]))])
+    np.testing.assert_allclose(band.steps, [1, 2, 3])
+    np.testing.assert_allclose(band.mean, [1.0, 3.0, 4.0])
+    np.testing.assert_allclose(band.low, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(band.high, [1.0, 4.0, 5.0])
+    np.testing.assert_array_equal(band.count, [1, 2, 2])
+    assert math.isnan(band.std[0]) and band.std[1] == pytest.approx(math.sqrt(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and summarising a comparison
+# ---------------------------------------------------------------------------------------------
+def test_load_and_accuracy_table(tmp_path):
+    comp = cmp.load_comparison(make_fake_comparison(tmp_path))
+    assert comp.objectives == ["grpo", "tepo"] and len(comp.runs) == 4
+    table = {row["objective"]: row for row in cmp.accuracy_table(comp)}
+    for objective in LAW:
+        finals = [fake_accuracy(objective, s, STEPS) for s in (0, 1)]
+        after = table[objective]["after"]
+        assert after["mean"] == pytest.approx(statistics.mean(finals))
+        assert after["std"] == pytest.approx(statistics.stdev(finals))
+        half = 12.706205 * statistics.stdev(finals) / math.sqrt(2)
+        assert after["ci_high"] - after["mean"] == pytest.approx(half, rel=1e-6)
+        assert table[objective]["before"] == pytest.approx(BEFORE)
+        assert table[objective]["gain"]["mean"] == pytest.approx(statistics.mean(finals) - BEFORE)
+    # monitor verdicts were replayed from metrics (no monitor.json): grpo's entropy falls fast
+    grpo = next(r for r in comp.runs if r.name == "grpo-s0")
+    assert grpo.monitor_source.startswith("replayed") and "entropy_fall" in grpo.monitor["first_step"]
+
+
+def test_steps_to_target_heldout(tmp_path):
+    comp = cmp.load_comparison(make_fake_comparison(tmp_path))
+    result = cmp.steps_to_target(comp)
+    best = max(statistics.mean(fake_accuracy(o, s, STEPS) for s in (0, 1)) for o in LAW)
+    target = (BEFORE + best) / 2
+    assert result["metric"] == "held-out accuracy" and result["target"] == pytest.approx(target)
+    for objective in LAW:
+        for seed in (0, 1):
+            expected = next((step for step in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)
+                             if fake_accuracy(objective, seed, step) >= target), None)
+            assert result["per_objective"][objective]["per_seed"][seed] == expected
+    fixed = cmp.steps_to_target(comp, target=0.999)
+    assert all(info["reached"] == 0 for info in fixed["per_objective"].values())
+
+
+def test_steps_to_target_falls_back_to_reward(tmp_path):
+    root = make_fake_comparison(tmp_path, with_results=False)
+    for metrics in root.glob("runs/*/metrics.jsonl"):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        for row in rows:
+            row.pop("heldout_accuracy", None)
+        metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    result = cmp.steps_to_target(cmp.load_comparison(root), smooth=1)
+    assert result["metric"] == "training reward"
+    rewards = {(o, s): [fake_accuracy(o, s, t) - 0.1 + 0.01 * ((t * 7 + s) % 3 - 1) for t in range(1, STEPS + 1)] for o in LAW for s in (0, 1)}
+    start = statistics.mean(r[0] for r in rewards.values())
+    best = max(statistics.mean(rewards[(o, s)][-1] for s in (0, 1)) for o in LAW)
+    assert result["target"] == pytest.approx((start + best) / 2)
+
+
+def test_torn_last_line_is_ignored_but_interior_garbage_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
+    rows, warnings = cmp.read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2] and "incomplete" in warnings[0]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        cmp.read_metrics(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# tepo compare with a fake train command
+# ---------------------------------------------------------------------------------------------
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    argv = sys.argv[1:]
+    get = lambda name: argv[argv.index(name) + 1]
+    out = Path(get("--output_dir"))
+    with open(os.environ["FAKE_CALLS"], "a") as calls:
+        calls.write(json.dumps(argv) + "\\n")
+    print("training", get("--objective"), "seed", get("--seed"))
+    if get("--objective") in os.environ.get("FAKE_FAIL", "").split(","):
+        print("boom: simulated failure", file=sys.stderr)
+        sys.exit(3)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\\n")
+    (out / "eval_after.json").write_text(json.dumps({"accuracy": 0.5, "correct": 5, "num_problems": 10}))
+""")
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.setattr(cmp, "registered_objectives", lambda: ["grpo", "dapo", "gspo", "tepo", "clip_cov", "kl_cov"])
+
+    def read_calls():
+        return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+    return f"{sys.executable} {script}", read_calls
+
+
+def test_plan_is_seed_major_and_identical_but_for_objective_and_seed(tmp_path):
+    plan = cmp.plan_comparison(["grpo", "tepo"], [0, 1], tmp_path, ["--max_steps", "5", "--lr", "1e-5"],
+                               train_command=["train"], known_objectives=["grpo", "tepo"])
+    assert [p.name for p in plan] == ["grpo-s0", "tepo-s0", "grpo-s1", "tepo-s1"]
+    for spec in plan:
+        cmd = spec.command
+        assert cmd[cmd.index("--objective") + 1] == spec.objective and cmd[cmd.index("--seed") + 1] == str(spec.seed)
+        assert cmd[cmd.index("--output_dir") + 1] == str(tmp_path.resolve() / "runs" / spec.name)
+        assert cmd[-4:] == ["--max_steps", "5", "--lr", "1e-5"]
+    with pytest.raises(ValueError, match="unknown objective.*'ppo'"):
+        cmp.plan_comparison(["grpo", "ppo"], [0], tmp_path, [], known_objectives=["grpo", "tepo"])
+    with pytest.raises(ValueError, match="--seed is set per run"):
+        cmp.plan_comparison(["grpo"], [0], tmp_path, ["--seed", "3"], known_objectives=["grpo"])
+
+
+def test_compare_runs_then_skips_finished_runs(tmp_path, fake_train, capsys):
+    command, calls = fake_train
+    out = tmp_path / "cmp"
+    argv = ["--objectives", "grpo,tepo", "--seeds", "0,1", "--max_steps", "3", "--output_dir", str(out),
+            "--train_command", command, "--heldout_eval_steps", "2", "--", "--learning_rate", "1e-5"]
+    assert compare_main(argv) == 0
+    made = calls()
+    assert len(made) == 4
+    common = [c[c.index("--output_dir") + 2:] for c in made]
+    assert all(c == ["--max_steps", "3", "--heldout_eval_steps", "2", "--learning_rate", "1e-5"] for c in common)
+    state = json.loads((out / "compare.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["done"] * 4
+    assert state["train_args"] == common[0]
+    for r in state["runs"]:
+        run_dir = Path(r["run_dir"])
+        assert (run_dir / "DONE").exists() and "training" in (run_dir / "train.log").read_text()
+    printed = capsys.readouterr().out
+    assert "[1/4] grpo-s0: running" in printed and "4/4 done" in printed
+
+    assert compare_main(argv) == 0  # rerun: nothing to do
+    assert len(calls()) == 4
+    assert "4 already finished, 0 to run" in capsys.readouterr().out
+
+    argv_more = [a if a != "0,1" else "0,1,2" for a in argv]  # a third seed: only its runs are new
+    assert compare_main(argv_more) == 0
+    assert [c[c.index("--seed") + 1] for c in calls()[4:]] == ["2", "2"]
+
+
+def test_compare_failure_is_reported_and_rerun_starts_clean(tmp_path, fake_train, monkeypatch, capsys):
+    command, calls = fake_train
+    out = tmp_path / "cmp"
+    argv = ["--objectives", "grpo,tepo", "--seeds", "0", "--output_dir", str(out), "--train_command", command]
+    monkeypatch.setenv("FAKE_FAIL", "tepo")
+    assert compare_main(argv) == 1
+    state = json.loads((out / "compare.json").read_text())
+    assert {r["name"]: r["status"] for r in state["runs"]} == {"grpo-s0": "done", "tepo-s0": "failed"}
+    assert state["runs"][1]["returncode"] == 3
+    assert not (out / "runs" / "tepo-s0" / "DONE").exists()
+    printed = capsys.readouterr().out
+    assert "FAILED (exit status 3)" in printed and "boom: simulated failure" in printed
+    assert len(calls()) == 2  # nothing retried within the run
+
+    monkeypatch.delenv("FAKE_FAIL")
+    assert compare_main(argv) == 1  # a failed run is a result: not retried unless asked
+    assert len(calls()) == 2
+    assert "not retrying runs that failed before: tepo-s0 (exit status 3)" in capsys.readouterr().out
+    assert compare_main([*argv, "--retry_failed"]) == 0
+    assert [c[c.index("--objective") + 1] for c in calls()[2:]] == ["tepo"]
+    assert "boom" in (out / "failed" / "tepo-s0.1" / "train.log").read_text()
+    assert "moved them to" in capsys.readouterr().out
+    state = json.loads((out / "compare.json").read_text())
+    assert state["runs"][1]["status"] == "done" and state["runs"][1]["attempts"] == 2
+
+
+def test_compare_resume_keeps_the_attempt_in_place(tmp_path, fake_train, monkeypatch, capsys):
+    command, calls = fake_train
+    out = tmp_path / "cmp"
+    argv = ["--objectives", "tepo", "--seeds", "0", "--output_dir", str(out), "--train_command", command]
+    monkeypatch.setenv("FAKE_FAIL", "tepo")
+    assert compare_main(argv) == 1
+    monkeypatch.delenv("FAKE_FAIL")
+    assert compare_main([*argv, "--retry_failed", "--resume"]) == 0
+    assert not (out / "failed").exists()
+    assert calls()[-1][-2:] == ["--resume_from_checkpoint", "true"]
+    log = (out / "runs" / "tepo-s0" / "train.log").read_text()
+    assert "boom" in log and log.count("$ ") == 2  # both attempts, in one log
+    assert len(calls()) == 2
+
+
+def test_compare_refuses_bad_input_before_launching(tmp_path, fake_train, capsys):
+    command, calls = fake_train
+    base = ["--output_dir", str(tmp_path / "cmp"), "--train_command", command]
+    assert compare_main(["--objectives", "grpo,nonsense", *base]) == 2
+    assert "unknown objective(s) 'nonsense'" in capsys.readouterr().err
+    assert compare_main(["--objectives", "grpo", "--seeds", "0,x", *base]) == 2
+    assert compare_main(["--objectives", "grpo,grpo", *base]) == 2
+    assert compare_main(["--objectives", "grpo", "--seed", "1", *base]) == 2  # not an abbreviation of --seeds
+    assert "--seed is set per run" in capsys.readouterr().err
+    assert compare_main(["--objectives", "grpo", "--config", str(tmp_path / "missing.yaml"), *base]) == 2
+    assert calls() == [] and not (tmp_path / "cmp").exists()
+
+
+def test_compare_refuses_to_mix_setups(tmp_path, fake_train, capsys):
+    command, calls = fake_train
+    base = ["--objectives", "grpo", "--seeds", "0", "--output_dir", str(tmp_path / "cmp"), "--train_command", command]
+    assert compare_main([*base, "--max_steps", "3"]) == 0
+    assert compare_main([*base, "--max_steps", "4"]) == 2
+    assert "other training arguments" in capsys.readouterr().err
+    assert compare_main([*base, "--max_steps", "4", "--allow_setup_change"]) == 0
+    assert len(calls()) == 1
+
+
+def test_dry_run_prints_plan(tmp_path, fake_train, capsys):
+    command, calls = fake_train
+    assert compare_main(["--objectives", "grpo,dapo", "--seeds", "3", "--output_dir", str(tmp_path / "c"),
+                         "--train_command", command, "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(":")[0] for l in lines] == ["grpo-s3", "dapo-s3"] and calls() == []
+
+
+def test_registry_knows_the_compared_objectives():
+    objectives = pytest.importorskip("tepo.objectives", reason="tepo.objectives not written yet")
+    if not hasattr(objectives, "list_objectives"):
+        pytest.skip("tepo.objectives.list_objectives not written yet")
+    assert {"grpo", "dapo", "gspo", "tepo", "clip_cov", "kl_cov"} <= set(cmp.registered_objectives())

@@ -1,0 +1,297 @@
+"""TEPOTrainer on a tiny random Llama: every objective trains, the loss is exactly `policy_loss` on
+TRL's tensors, dynamic sampling, the non-finite guard, and config validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tepo.training.trainer as trainer_module
+from tepo.objectives import list_objectives
+from tepo.training import METRIC_KEYS, TEPOConfig, TEPOTrainer, read_metrics
+
+from _tiny_llm import parity_reward, prompt_dataset, small_config, text_parity, tiny_model, tiny_tokenizer
+
+
+def make_trainer(tmp_path, reward=parity_reward, dataset=None, **overrides):
+    tok = tiny_tokenizer()
+    args = small_config(tmp_path / "run", **overrides)
+    return TEPOTrainer(
+        model=tiny_model(tok), reward_funcs=reward, args=args,
+        train_dataset=dataset if dataset is not None else prompt_dataset(), processing_class=tok,
+    )
+
+
+def params(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+# ----------------------------------------------------------------------------------------------
+# config validation (no model)
+
+BASE = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=8, use_cpu=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(objective="ppo"), "objective='ppo' is not known; valid: clip_cov"),
+        (dict(loss_type="grpo"), "set --objective"),
+        (dict(epsilon=0.1), "set --clip_low"),
+        (dict(epsilon_high=0.3), "set --clip_high"),
+        (dict(importance_sampling_level="sequence"), "importance_sampling_level"),
+        (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(delta=2.0), "delta"),
+        (dict(use_adaptive_entropy=True), "--entropy_coef"),
+        (dict(beta=0.04), "set --beta_kl"),
+        (dict(cov_ratio=0.1), "cov_ratio=0.1 is not a hyper-parameter of objective 'tepo'"),
+        (dict(objective="kl_cov", clip_low=0.2), "clip_low=0.2 is not a hyper-parameter of objective 'kl_cov'"),
+        (dict(clip_low=1.5), "clip_low must be in [0, 1]"),
+        (dict(agg="mean"), "agg='mean' is not one of"),
+        (dict(kl_estimator="k4"), "kl_estimator='k4' is not one of"),
+        (dict(objective="clip_cov", cov_lb=5.0, cov_ub=1.0), "cov_lb < cov_ub"),
+        (dict(num_generations=3), "must be divisible by num_generations=3"),
+        (dict(logging_steps=10), "logging_steps=10: must be 1"),
+        (dict(max_len=4), "max_len=4 is shorter than max_completion_length=8"),
+        (dict(max_nonfinite_steps=0), "max_nonfinite_steps=0 must be an integer >= 1"),
+        (dict(max_resample_rounds=-1), "max_resample_rounds=-1"),
+        (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    ],
+)
+def test_config_refuses_bad_settings(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as err:
+        TEPOConfig(output_dir=str(tmp_path), **{**BASE, **overrides})
+    assert message in str(err.value)
+
+
+def test_config_maps_beta_kl_to_trl_reference_model(tmp_path):
+    assert TEPOConfig(output_dir=str(tmp_path), **BASE).beta == 0.0
+    cfg = TEPOConfig(output_dir=str(tmp_path), beta_kl=0.05, **BASE)
+    assert cfg.beta == 0.05 and cfg.resolved_hparams()["beta_kl"] == 0.05
+
+
+def test_config_hparams_default_to_objective_defaults(tmp_path):
+    cfg = TEPOConfig(output_dir=str(tmp_path), objective="dapo", clip_high=0.3, **BASE)
+    hp = cfg.resolved_hparams()
+    assert hp["clip_low"] == 0.2 and hp["clip_high"] == 0.3 and hp["agg"] == "token-mean"
+    assert cfg.objective_hparams()["max_len"] == 8  # the generation budget, not each batch's T
+
+
+# ----------------------------------------------------------------------------------------------
+# every objective trains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list_objectives())
+def test_each_objective_trains(tmp_path, objective):
+    tr = make_trainer(tmp_path, objective=objective)
+    before = params(tr.model)
+    tr.train()
+    assert not torch.equal(before, params(tr.model)), "the weights did not move"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(METRIC_KEYS) <= set(row)
+        for key in ("loss", "grad_norm", "reward_mean", "entropy_mean", "clip_frac", "approx_kl", "step_time_s"):
+            assert row[key] is not None and math.isfinite(row[key]), (key, row[key])
+        assert 0.0 <= row["clip_frac"] <= 1.0 and 0.0 <= row["zero_var_frac"] <= 1.0
+        assert row["ratio_min"] <= row["ratio_mean"] <= row["ratio_max"]
+        assert row["completion_len_max"] <= 8 and row["tokens_per_s"] > 0
+    # step 1 is on-policy (ratio exactly 1); step 2 reuses the rollout after an update
+    assert rows[0]["ratio_min"] == rows[0]["ratio_max"] == 1.0
+    assert rows[1]["ratio_min"] < 1.0 < rows[1]["ratio_max"] or rows[1]["approx_kl"] > 0
+    assert (rows[1]["kl_mask_frac"] is not None) == (objective == "tepo")
+    assert (rows[1]["cov_selected"] is not None) == (objective in ("clip_cov", "kl_cov"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the seam: what _compute_loss hands to policy_loss
+
+
+@pytest.mark.slow
+def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
+    calls = []
+    real = trainer_module.policy_loss
+
+    def spy(name, **kw):
+        out = real(name, **kw)
+        calls.append({"name": name, "out": out, **{k: v for k, v in kw.items()}})
+        return out
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    tr = make_trainer(tmp_path, objective="tepo", tepo_kl_coef=0.5, clip_high=0.01, max_steps=2)
+    tr.train()
+    assert len(calls) == 2 and all(c["name"] == "tepo" for c in calls)
+    first, second = calls
+    for c in calls:
+        assert c["tepo_kl_coef"] == 0.5 and c["clip_high"] == 0.01 and c["max_len"] == 8
+        assert c["advantages"].shape == (8,) and c["logp"].shape == c["mask"].shape == c["old_logp"].shape
+        assert c["entropy"] is not None and c["old_entropy"] is not None
+        assert c["old_logp"].requires_grad is False and c["logp"].requires_grad
+    # step 2 trains on the same rollout after an update: pi_old and its entropy are the rollout's, not now's
+    m = second["mask"].bool()
+    assert not torch.allclose(second["old_logp"][m], second["logp"].detach()[m])
+    assert not torch.allclose(second["old_entropy"][m], second["entropy"].detach()[m])
+    # the logged loss is exactly the objective's loss (gradient_accumulation_steps == 1)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for c, row in zip(calls, rows):
+        assert row["loss"] == pytest.approx(c["out"].loss.item(), rel=1e-6, abs=1e-9)
+        assert row["clip_frac"] == pytest.approx(c["out"].metrics["clip_frac"])
+        assert row["kl_mask_frac"] == pytest.approx(c["out"].metrics["kl_mask_frac"])
+    # advantages are TRL's group-normalised ones: each group of 4 sums to ~0 over the whole rollout
+    adv = torch.cat([c["advantages"] for c in calls])
+    assert abs(adv.sum().item()) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling
+
+
+def index_reward(completions, answer, **kwargs):
+    """Prompts whose answer is divisible by 4 always get 0 (their groups have no variance);
+    the others get parity_reward."""
+    return [0.0 if int(a) % 4 == 0 else text_parity(c[0]["content"]) for c, a in zip(completions, answer)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling(tmp_path, dynamic):
+    tr = make_trainer(tmp_path, reward=index_reward, dynamic_sampling=dynamic, max_resample_rounds=4,
+                      per_device_train_batch_size=8, steps_per_generation=2, max_steps=4)
+    seen = []
+    real = tr._compute_loss
+
+    def spy(model, inputs):
+        seen.append(inputs["advantages"].clone())
+        return real(model, inputs)
+
+    tr._compute_loss = spy
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["zero_var_frac"] is not None for r in rows)
+    if dynamic:
+        assert all("dynamic_sampling/kept_frac" in r for r in rows)
+        for r in rows:  # refills only add groups that vary
+            assert r["dynamic_sampling/kept_frac"] >= 1.0 - r["zero_var_frac"]
+        assert any(r["zero_var_frac"] > 0 and r["dynamic_sampling/rounds"] >= 1 for r in rows)
+        # a full batch (not short) holds only groups that vary: binary rewards -> every advantage != 0
+        for r, adv in zip(rows, seen):
+            if r["dynamic_sampling/short"] == 0.0:
+                assert bool((adv != 0).all()), adv
+    else:
+        assert not any("dynamic_sampling/kept_frac" in r for r in rows)
+
+
+def zero_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_short_batch_is_logged_and_trains_on(tmp_path):
+    tr = make_trainer(tmp_path, reward=zero_reward, dynamic_sampling=True, max_resample_rounds=1, max_steps=2)
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["zero_var_frac"] == 1.0
+    assert rows[0]["dynamic_sampling/short"] == 1.0 and rows[0]["dynamic_sampling/kept_frac"] == 0.0
+    assert rows[0]["dynamic_sampling/rounds"] == 1.0
+
+
+def test_sampling_helpers_pad_and_select():
+    from tepo.training import sampling
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, float("nan"), float("nan"), 0.0, float("nan")])
+    assert sampling.varied_groups(rewards, 2).tolist() == [True, False, False, True]
+    a = {"prompt_ids": torch.tensor([[5, 6]]), "prompt_mask": torch.tensor([[1, 1]]),
+         "completion_ids": torch.tensor([[7]]), "completion_mask": torch.tensor([[1]]),
+         "advantages": torch.tensor([0.5]), "old_per_token_logps": torch.tensor([[-1.0]])}
+    b = {"prompt_ids": torch.tensor([[4]]), "prompt_mask": torch.tensor([[1]]),
+         "completion_ids": torch.tensor([[8, 9, 0]]), "completion_mask": torch.tensor([[1, 1, 0]]),
+         "advantages": torch.tensor([-0.5]), "old_per_token_logps": torch.tensor([[-2.0, -3.0, 0.0]])}
+    m = sampling.trim_prompt_padding(sampling.concat_batches([a, b], pad_token_id=0))
+    assert m["prompt_ids"].tolist() == [[5, 6], [0, 4]] and m["prompt_mask"].tolist() == [[1, 1], [0, 1]]
+    assert m["completion_ids"].tolist() == [[7, 0], [8, 9]] and m["completion_mask"].tolist() == [[1, 0], [1, 1]]
+    assert m["old_per_token_logps"].tolist() == [[-1.0, 0.0], [-2.0, -3.0]]
+    with pytest.raises(ValueError, match="pixel_values"):
+        sampling.select_rows({**a, "pixel_values": torch.zeros(1, 3)}, torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite guard
+
+
+class Snapshots:
+    """Clone the weights at every step end."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.by_step = {}
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                outer.by_step[state.global_step] = params(model)
+
+        self.callback = CB()
+
+
+def nan_on_steps(monkeypatch, trainer_ref, steps):
+    real = trainer_module.policy_loss
+
+    def poisoned(name, **kw):
+        out = real(name, **kw)
+        if trainer_ref[0].state.global_step + 1 in steps:
+            out.loss = out.loss * float("nan")  # NaN loss, NaN gradients
+        return out
+
+    monkeypatch.setattr(trainer_module, "policy_loss", poisoned)
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped(tmp_path, monkeypatch):
+    ref = [None]
+    nan_on_steps(monkeypatch, ref, {2})
+    tr = make_trainer(tmp_path, max_steps=3, max_nonfinite_steps=2)
+    ref[0] = tr
+    snaps = Snapshots()
+    tr.add_callback(snaps.callback)
+    tr.train()
+    assert torch.equal(snaps.by_step[1], snaps.by_step[2]), "a NaN step moved the weights"
+    assert not torch.equal(snaps.by_step[2], snaps.by_step[3])
+    assert torch.isfinite(snaps.by_step[3]).all()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 1]
+    assert rows[1]["loss"] is None and rows[2]["loss"] is not None
+    assert tr.nonfinite_guard.stopped_at is None
+
+
+@pytest.mark.slow
+def test_k_nonfinite_steps_in_a_row_stop_with_a_checkpoint(tmp_path, monkeypatch):
+    ref = [None]
+    nan_on_steps(monkeypatch, ref, {2, 3, 4, 5, 6})
+    tr = make_trainer(tmp_path, max_steps=6, max_nonfinite_steps=2)
+    ref[0] = tr
+    tr.train()
+    assert tr.nonfinite_guard.stopped_at == 3 and "2 optimiser steps in a row" in tr.nonfinite_guard.message
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "trainer_state.json").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_metrics_reader_drops_torn_last_line_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        read_metrics(path)
