@@ -175,6 +175,23 @@ def test_steps_to_target_heldout(tmp_path):
     assert all(info["reached"] == 0 for info in fixed["per_objective"].values())
 
 
+def test_no_default_target_when_nothing_improved(tmp_path):
+    root = make_fake_comparison(tmp_path, with_results=False)
+    for run in root.glob("runs/*"):  # every accuracy, before and during training, at 0
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            if "heldout_accuracy" in row:
+                row["heldout_accuracy"] = 0.0
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        for name in ("eval_before.json", "eval_after.json"):
+            (run / name).write_text(json.dumps({"accuracy": 0.0, "correct": 0, "num_problems": 100}))
+    result = cmp.steps_to_target(cmp.load_comparison(root))
+    assert "no default target" in result["problem"] and math.isnan(result["target"])
+    assert all(info["per_seed"] == {} for info in result["per_objective"].values())
+    given = cmp.steps_to_target(cmp.load_comparison(root), target=0.0)
+    assert given["problem"] == "" and given["per_objective"]["grpo"]["per_seed"] == {0: 0.0, 1: 0.0}
+
+
 def test_steps_to_target_falls_back_to_reward(tmp_path):
     root = make_fake_comparison(tmp_path, with_results=False)
     for metrics in root.glob("runs/*/metrics.jsonl"):

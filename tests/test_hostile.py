@@ -122,6 +122,28 @@ def test_guard_kills_an_overrunning_call_and_recovers(paths):
     assert time.perf_counter() - start < VERDICT_BOUND_S  # the warm spare took over
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_worker(paths):
+    """A forked process (a data-loader worker, say) must not talk over its parent's pipes."""
+    parent_worker = rewards._guard._active.proc.pid
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the verdict and the worker it used, then leave at once
+        try:
+            rewards._verify_clean.cache_clear()
+            ok = verify_answer("\\sqrt{18}", "3\\sqrt{2}")
+            os.write(write_end, json.dumps([ok, rewards._guard._active.proc.pid]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    ok, child_worker = json.loads(os.read(read_end, 1000))
+    os.close(read_end)
+    assert ok is True and child_worker != parent_worker
+    assert verify_answer("\\sqrt{50}", "5\\sqrt{2}") and rewards._guard._active.proc.pid == parent_worker
+
+
 def test_off_main_thread(paths):
     """TRL or an evaluator may score from a thread: math-verify's signal timeouts cannot work there,
     the worker's wall-clock limit still does."""

@@ -74,7 +74,7 @@ def reference(name, logp, old, adv, mask, ref=None, ent=None, old_ent=None, sele
     d = {(i, t): logp[i, t] - old[i, t] for i, t in tokens}
     ls = [sum(d[i, t] for t in range(T) if valid[i, t]) / L[i] for i in range(B)]
     s = [math.exp(min(v, 10.0)) for v in ls]
-    s_gate = [1.0 if v < 10.0 else 0.0 for v in ls]
+    s_gate = [1.0 if v <= 10.0 else 0.0 for v in ls]
     token_level = name in ("grpo", "dapo", "dr_grpo", "clip_cov", "kl_cov")
 
     # ratio x, d x / d logp (token ratio only), PPO value and d l / d x per token
@@ -256,10 +256,21 @@ def test_register_objective_adds_a_new_objective_in_one_function():
     @register_objective("_test_reinforce", clip_low=1.0, clip_high=1e9, agg="token-mean")
     def _reinforce(batch, hp):
         r = token_ratio(batch.log_ratio)
-        l, lo, hi = ppo_term(r, batch.advantages, hp["clip_low"], hp["clip_high"])
-        return ObjectiveTerms(per_token=l, ratio=r, clipped_low=lo, clipped_high=hi)
+        clip = (hp["clip_low"], hp["clip_high"])
+        return ObjectiveTerms(per_token=ppo_term(r, batch.advantages, *clip), ratio=r, clip=clip)
+
+    @register_objective("_test_const", agg="token-mean")
+    def _const(batch, hp):  # a row-constant (B, 1) per-token loss of 1 (also on empty rows)
+        ones = batch.mask.new_ones(batch.shape[0], 1)
+        return ObjectiveTerms(per_token=ones, ratio=ones)
 
     try:
+        mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])  # an empty row
+        z = torch.zeros(3, 3, dtype=torch.float64)
+        for agg, expected in [("token-mean", 1.0), ("seq-mean-token-mean", 2 / 3), ("seq-mean-token-sum", 1.0),
+                              ("seq-mean-token-sum-norm", 3 / 9)]:
+            out = policy_loss("_test_const", logp=z, old_logp=z, advantages=torch.zeros(3), mask=mask, agg=agg)
+            assert out.loss.item() == pytest.approx(expected, rel=1e-15)
         assert "_test_reinforce" in list_objectives()
         x = random_inputs(1)
         a, ga, _ = run("_test_reinforce", x["logp"], x["old"], x["adv"], x["mask"])
@@ -270,6 +281,7 @@ def test_register_objective_adds_a_new_objective_in_one_function():
             register_objective("_test_reinforce")(_reinforce)
     finally:
         _REGISTRY.pop("_test_reinforce", None)
+        _REGISTRY.pop("_test_const", None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,6 +404,15 @@ def test_tepo_kl_mask_toy():
     expected[0, 0] = coef * (1 - math.exp(-d1)) / 6
     expected[0, 2] = coef * (1 - math.exp(-d3)) / 6
     np.testing.assert_allclose(g - g0, expected, atol=1e-16)
+
+
+def test_tepo_kl_mask_is_empty_on_policy():
+    # on-policy the trainer passes old_entropy = entropy: "entropy decreased" is strict, so no token
+    ent = [[1.0, 2.0, 3.0], [0.5, 0.25, 9.0]]
+    out, g, _ = run("tepo", NEW, NEW, A_BESSEL, MASK_B, ent=ent, old_ent=ent, tepo_kl_coef=1.0)
+    base, g0, _ = run("tepo", NEW, NEW, A_BESSEL, MASK_B)
+    assert out.metrics["kl_mask_frac"] == 0.0
+    assert out.loss.item() == base.loss.item() and np.array_equal(g, g0)
 
 
 def test_entropy_bonus_and_metric():

@@ -48,9 +48,11 @@ _stats: Counter = Counter()
 
 
 def verifier_stats() -> dict[str, int]:
-    """Counts of what :func:`verify_answer` did in this process: ``plain`` (decided as numbers),
-    ``math_verify`` (worker calls), ``cached``, ``refused`` (pre-screen), ``timeout`` (worker killed),
-    ``worker_error``, ``worker_restart``, ``in_process`` (no worker available)."""
+    """Counts of what :func:`verify_answer` did in this process (repeated pairs are answered from a
+    cache and not counted): ``plain`` (decided as numbers), ``math_verify`` (worker calls),
+    ``refused`` (pre-screen), ``timeout`` (worker killed), ``worker_error`` (math-verify raised),
+    ``worker_restart``, ``in_process`` (no worker could start), ``verify_error``/``reward_error``
+    (a bug of ours, scored 0)."""
     return dict(_stats)
 
 
@@ -58,17 +60,13 @@ def verifier_stats() -> dict[str, int]:
 # extraction
 
 _BOX_NEEDLES = ("\\boxed", "\\fbox")
-_FINAL_PHRASE = "final answer is"
 
 
 def _box_positions(text: str, limit: int) -> Iterable[int]:
     """End positions of the last ``limit`` ``\\boxed``/``\\fbox`` commands, rightmost first.
 
     Successive ``rfind`` calls scan each character at most once per needle: linear in ``text``."""
-    ends = {n: len(text) for n in _BOX_NEEDLES}
-    found: dict[str, int] = {}
-    for n in _BOX_NEEDLES:
-        found[n] = text.rfind(n, 0, ends[n])
+    found = {n: text.rfind(n) for n in _BOX_NEEDLES}
     for _ in range(limit):
         needle = max(found, key=lambda n: found[n])
         pos = found[needle]
@@ -102,7 +100,7 @@ def _braced_group(text: str, start: int, limit: int) -> tuple[str, int] | None:
     return None
 
 
-_RE_BOX_TOKEN = re.compile(r"[^\s$]{1,%d}" % MAX_ANSWER_CHARS)
+_RE_BOX_TOKEN = re.compile(r"[^\s$]{1,%d}" % (MAX_ANSWER_CHARS + 1))  # one more: to see an overlong one
 
 
 def _boxed_content(text: str, after: int) -> str | None:
@@ -597,10 +595,15 @@ class _Guard:
         self._spare: _Worker | None = None
         self.unavailable: str | None = None
 
+    def after_fork_in_child(self) -> None:
+        """A forked child must not talk to its parent's workers (or inherit a held lock)."""
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._active = self._spare = None
+
     def _ensure(self) -> _Worker:
-        if self._pid != os.getpid():  # forked: the pipes belong to the parent
-            self._active = self._spare = None
-            self._pid = os.getpid()
+        if self._pid != os.getpid():  # forked without the hook (should not happen)
+            self.after_fork_in_child()
         if self._active is None:
             self._active, self._spare = (self._spare or _Worker()), None
         if self._spare is None:
@@ -646,6 +649,8 @@ class _Guard:
 
 _guard = _Guard()
 atexit.register(_guard.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_guard.after_fork_in_child)
 _warned: set[str] = set()
 
 

@@ -684,12 +684,16 @@ def steps_to_target(comparison: Comparison, target: float | None = None, smooth:
     start = float(np.mean(starts)) if starts else math.nan
     best = max(finite_ends) if finite_ends else math.nan
     chosen = float(target) if target is not None else (start + best) / 2.0
+    problem = ""
+    if target is None and not best > start:  # also NaN: nothing to measure progress against
+        problem = "no objective ended above the start, so there is no default target (give one with --target)"
+        chosen = math.nan
     per_objective = {}
     for objective, rs in comparison.by_objective().items():
-        measured = [r for r in rs if series[r.name][0].size]
+        measured = [r for r in rs if series[r.name][0].size] if not problem else []
         reached = {r.seed: first_step_reaching(*series[r.name], chosen) for r in measured}
         steps = [s for s in reached.values() if s is not None]
         per_objective[objective] = {"per_seed": reached, "reached": len(steps), "runs": len(measured),
                                     "steps": mean_std_ci(steps)}
     return {"metric": metric, "target": chosen, "start": start, "best_final": best,
-            "target_given": target is not None, "per_objective": per_objective}
+            "target_given": target is not None, "per_objective": per_objective, "problem": problem}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from tepo.analysis.compare import (
     Comparison,
@@ -153,6 +154,7 @@ def _plot_curves(comp: Comparison, panels, path: Path, smooth: int, colors) -> b
         _scale_y(ax, np.concatenate([r.series(key)[1] for r in comp.runs]), logy)
         ax.set_title(title + (f"\n(trailing mean over {smooth} steps)" if smoothed and smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("optimiser step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -174,7 +176,10 @@ def _plot_heldout(comp: Comparison, path: Path, colors) -> bool:
         ax.plot(band.steps, 100 * band.mean, "o-", color=colors[objective], lw=1.8, ms=4, label=f"{objective} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(band.steps, 100 * band.low, 100 * band.high, color=colors[objective], alpha=0.18, lw=0)
+    _scale_y(ax, 100 * np.concatenate([heldout_series(r)[1] for r in comp.runs]), False)
+    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     ax.set_xlabel("optimiser step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("held-out accuracy (step 0 = before training)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -318,6 +323,8 @@ def _target_table(target: dict[str, Any]) -> Table:
     for objective, info in target["per_objective"].items():
         st = info["steps"]
         steps = f"{st['mean']:.1f} ± {st['std']:.1f}" if st["n"] > 1 else (f"{st['mean']:.0f}" if st["n"] else "not reached")
+        if target["problem"]:
+            steps = "–"
         per_seed = ", ".join(f"s{s}: {'–' if v is None else int(v)}" for s, v in info["per_seed"].items())
         rows.append([objective, f"{info['reached']}/{info['runs']}", steps, per_seed])
     scale = 100 if target["metric"] == "held-out accuracy" else 1
@@ -326,6 +333,8 @@ def _target_table(target: dict[str, Any]) -> Table:
            else f"midpoint between the start ({fmt(target['start'])}) and the best objective's final mean ({fmt(target['best_final'])})")
     note = (f"Target: {target['metric']} >= {fmt(target['target'])}, {how}. Steps: mean ± std over the seeds that "
             "reached it; resolution is the held-out evaluation interval when held-out accuracy is used.")
+    if target["problem"]:
+        note = f"Target ({target['metric']}): {target['problem']}."
     return Table("Steps to reach the target", ["objective", "reached", "steps (mean ± std)", "per seed"], rows, note, text_last=True)
 
 

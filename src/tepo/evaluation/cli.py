@@ -100,6 +100,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             print(f"tepo eval: error: {e}", file=sys.stderr)
         return 2
     from tepo.evaluation.runner import ConfigMismatchError, evaluate, results_markdown
+    from tepo.tasks.data import DataError
 
     try:
         results = evaluate(
@@ -108,7 +109,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             output_dir=args.output_dir, backend=args.backend, batch_size=args.batch_size, dtype=args.dtype,
             seed=args.seed, progress=not args.no_progress,
         )
-    except ConfigMismatchError as e:
+    except (ConfigMismatchError, DataError) as e:  # bad data or a clashing output directory: no traceback
         print(f"tepo eval: error: {e}", file=sys.stderr)
         return 2
     print(results_markdown(results))

@@ -92,40 +92,40 @@ def _append_rows(path: Path, rows: Iterable[dict]) -> None:
 def metrics_from_rows(rows: Sequence[dict], problem_ids: Sequence[str], *, n: int, ks: Sequence[int], greedy: bool, ci_seed: int = 0) -> dict[str, Any]:
     """avg@n, pass@k, maj@k (k in ks), greedy accuracy and their 95% bootstrap CIs over problems,
     from scored rows alone. Every problem must have samples 0..n-1 (and a greedy row when asked)."""
+    if not problem_ids:
+        raise ValueError("no problems to summarise")
     by_problem: dict[str, dict[Any, dict]] = {pid: {} for pid in problem_ids}
     for r in rows:
         if r["id"] in by_problem:
             by_problem[r["id"]].setdefault(r["sample"], r)
-    per_problem: dict[str, list[float]] = {}
+    names = ([f"avg@{n}"] + [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks] if n else []) + ([GREEDY] if greedy else [])
+    per_problem: dict[str, list[float]] = {name: [] for name in names}  # in the order they are reported
+    counts: list[int] = []
     sampled: list[dict] = []
     greedy_rows: list[dict] = []
     for pid, got in by_problem.items():
-        samples = [got.get(j) for j in range(n)]
-        if any(s is None for s in samples) or (greedy and GREEDY not in got):
-            missing = [j for j, s in enumerate(samples) if s is None] + ([GREEDY] if greedy and GREEDY not in got else [])
+        missing = [j for j in range(n) if j not in got] + ([GREEDY] if greedy and GREEDY not in got else [])
+        if missing:
             raise ValueError(f"problem {pid!r} has no scored row for sample(s) {missing}")
-        sampled += samples
         if n:
+            samples = [got[j] for j in range(n)]
             correct = [bool(s["correct"]) for s in samples]
-            c = sum(correct)
-            per_problem.setdefault(f"avg@{n}", []).append(c / n)
+            counts.append(sum(correct))
+            sampled += samples
+            per_problem[f"avg@{n}"].append(counts[-1] / n)
             for k in ks:
-                per_problem.setdefault(f"pass@{k}", []).append(pass_at_k(n, c, k))
-                per_problem.setdefault(f"maj@{k}", []).append(maj_at_k([s["canonical"] for s in samples], correct, k))
+                per_problem[f"pass@{k}"].append(pass_at_k(n, counts[-1], k))
+                per_problem[f"maj@{k}"].append(maj_at_k([s["canonical"] for s in samples], correct, k))
         if greedy:
             greedy_rows.append(got[GREEDY])
-            per_problem.setdefault(GREEDY, []).append(float(got[GREEDY]["correct"]))
+            per_problem[GREEDY].append(float(bool(got[GREEDY]["correct"])))
 
     out: dict[str, Any] = {"n": n, "num_problems": len(by_problem)}
-    if n:
-        counts = [sum(bool(by_problem[p][j]["correct"]) for j in range(n)) for p in by_problem]
-        out[f"avg@{n}"] = avg_at_n(counts, n)
     for name, values in per_problem.items():
-        if name != f"avg@{n}":
-            out[name] = sum(values) / len(values) if values else float("nan")
+        out[name] = avg_at_n(counts, n) if name == f"avg@{n}" else sum(values) / len(values)
     if n:
-        out["pass_curve"] = {k: sum(pass_at_k(n, c, k) for c in counts) / len(counts) if counts else float("nan") for k in range(1, n + 1)}
-    out["ci"] = {name: list(bootstrap_ci(values, seed=ci_seed)) if values else [float("nan")] * 2 for name, values in per_problem.items()}
+        out["pass_curve"] = {k: sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in range(1, n + 1)}
+    out["ci"] = {name: list(bootstrap_ci(values, seed=ci_seed)) for name, values in per_problem.items()}
     out.update(_length_stats(sampled, ""))
     if greedy:
         out.update(_length_stats(greedy_rows, "greedy_"))
@@ -181,6 +181,8 @@ def evaluate_problems(
     if n and temperature <= 0:
         raise ValueError("sampling needs temperature > 0; for greedy decoding use greedy=True (and n=0 for greedy only)")
     ids = [str(p["id"]) for p in problems]
+    if not ids:
+        raise ValueError(f"{benchmark}: no problems to evaluate")
     if len(set(ids)) != len(ids):
         raise ValueError(f"{benchmark}: problem ids are not unique")
     path = Path(samples_path) if samples_path is not None else None

@@ -5,6 +5,15 @@
 
 Registered objectives: grpo, dapo, dr_grpo (ppo.py); gspo, gspo_token, tepo (sequence.py);
 clip_cov, kl_cov (cov.py). Shared formulas live in _common.py, hyper-parameters in _registry.py.
+
+Hyper-parameters (`default_hparams(name)` lists each objective's, with defaults; None = default):
+    every objective   agg, max_len (None = T), beta_kl (0.0), kl_estimator ("k3"), entropy_coef (0.0)
+    all but kl_cov    clip_low, clip_high
+    tepo              tepo_kl_coef (0.0)
+    clip_cov          cov_ratio, cov_lb, cov_ub
+    kl_cov            cov_ratio, kl_cov_coef   (KL-Cov's surrogate is unclipped: no clip_low/clip_high)
+A value for a hyper-parameter the objective does not take is an error; None for a name that some
+objective takes is accepted and ignored (a trainer can pass all of its unset config fields).
 A new objective is one function decorated with ``@register_objective(name, **defaults)`` that maps
 a `PolicyBatch` to `ObjectiveTerms`. This package imports only torch and the standard library.
 """

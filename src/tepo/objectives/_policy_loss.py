@@ -83,6 +83,8 @@ def policy_loss(
     metrics.update(terms.metrics)
     if batch.entropy is not None:
         metrics["entropy_mean"] = masked_mean(batch.entropy.detach(), batch)
-    names = list(metrics)
-    values = torch.stack([torch.as_tensor(metrics[k], dtype=batch.logp.dtype, device=batch.logp.device) for k in names])
-    return PolicyLossOutput(loss=loss, metrics=dict(zip(names, (float(v) for v in values.tolist()))))
+    # one device-to-host transfer for all metrics
+    names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    values = torch.stack([metrics[k].reshape(()).to(batch.mask.dtype) for k in names]).tolist() if names else []
+    metrics.update(zip(names, values))
+    return PolicyLossOutput(loss=loss, metrics={k: float(v) for k, v in metrics.items()})

@@ -11,7 +11,9 @@ and treat a few of them, ``k = max(1, int(cov_ratio * N))``, differently:
               get + kl_cov_coef * |d|. kl_cov has no clip range, so it accepts no clip_low/clip_high
               and reports clip_frac* = 0.
 
-Metric cov_selected: the number of selected tokens (a count, not a fraction).
+Metric cov_selected: the number of selected tokens (a count, not a fraction). Equal cov values
+at the kl_cov cut-off are broken by torch.topk (implementation-defined; with two valid tokens the
+two covariances are always equal).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tepo.objectives._common import ObjectiveTerms, PolicyBatch, token_ratio
+from tepo.objectives._common import ObjectiveTerms, PolicyBatch, clip_flags, masked_mean, token_ratio
 from tepo.objectives._registry import register_objective
 from tepo.objectives.ppo import token_ppo_terms
 
@@ -31,9 +33,9 @@ def token_covariance(batch: PolicyBatch) -> Tensor:
 
     Values at padding are meaningless; callers restrict to `batch.valid`.
     """
-    adv = batch.token_advantages
+    adv = batch.advantages  # (B, 1) or (B, T), 0 at padding / empty rows
     logp = batch.logp.detach()
-    return (adv - adv.sum() / batch.n_tokens) * (logp - logp.sum() / batch.n_tokens)
+    return (logp - logp.sum() / batch.n_tokens).mul_(adv - masked_mean(adv, batch))
 
 
 def selection_size(cov_ratio: float, batch: PolicyBatch) -> int:
@@ -42,27 +44,22 @@ def selection_size(cov_ratio: float, batch: PolicyBatch) -> int:
 
 
 def random_subset(candidates: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Bool mask like `candidates` with min(k, #candidates) of its True entries, drawn uniformly
-    without replacement (deterministic given `generator`; the global RNG without one)."""
-    flat = candidates.flatten()
-    index = flat.nonzero().squeeze(-1)
+    """Flat indices of min(k, #candidates) True entries of `candidates`, drawn uniformly without
+    replacement (deterministic given `generator`; the global RNG without one)."""
+    index = candidates.flatten().nonzero().squeeze(-1)
     if index.numel() > k:
         device = generator.device if generator is not None else index.device
         pick = torch.randperm(index.numel(), generator=generator, device=device)[:k]
         index = index[pick.to(index.device)]
-    selected = torch.zeros_like(flat)
-    selected[index] = True
-    return selected.view_as(candidates)
+    return index
 
 
-def top_k_tokens(scores: Tensor, valid: Tensor, k: int) -> Tensor:
-    """Bool mask (B, T) of the min(k, #valid) valid tokens with the largest `scores`."""
-    k = min(k, int(valid.sum()))
-    selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
-    if k > 0:
-        index = torch.where(valid, scores, float("-inf")).flatten().topk(k).indices
-        selected[index] = True
-    return selected.view_as(valid)
+def top_k_tokens(scores: Tensor, batch: PolicyBatch, k: int) -> Tensor:
+    """Flat indices of the min(k, #valid) valid tokens with the largest `scores` (B, T)."""
+    k = min(k, batch.n_valid)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return (scores - batch.pad_inf).flatten().topk(k).indices  # padding -> -inf
 
 
 @register_objective(
@@ -71,12 +68,16 @@ def top_k_tokens(scores: Tensor, valid: Tensor, k: int) -> Tensor:
 def clip_cov(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """Clip-Cov: the PPO term with r, zeroed (value and gradient) on a random high-cov subset."""
     terms = token_ppo_terms(batch, hp)
+    low, high = terms.clipped = clip_flags(terms.ratio, batch.advantages, *terms.clip)
     cov = token_covariance(batch)
-    clipped = terms.clipped_low | terms.clipped_high
-    candidates = batch.valid & ~clipped & (cov > hp["cov_lb"]) & (cov < hp["cov_ub"])
-    selected = random_subset(candidates, selection_size(hp["cov_ratio"], batch), batch.generator)
-    terms.per_token = torch.where(selected, 0.0, terms.per_token)
-    terms.metrics["cov_selected"] = selected.sum().to(batch.logp.dtype)
+    candidates = cov > hp["cov_lb"]
+    candidates &= cov < hp["cov_ub"]
+    candidates &= batch.valid
+    candidates &= ~(low | high)
+    index = random_subset(candidates, selection_size(hp["cov_ratio"], batch), batch.generator)
+    flat = terms.per_token.reshape(-1)
+    terms.per_token = flat.index_put((index,), flat.new_zeros(())).view_as(terms.per_token)
+    terms.metrics["cov_selected"] = float(index.numel())
     return terms
 
 
@@ -84,10 +85,11 @@ def clip_cov(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
 def kl_cov(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """KL-Cov: -A*r (no clip) on all tokens, + kl_cov_coef*|d| on the top-cov tokens."""
     ratio = token_ratio(batch.log_ratio)
-    selected = top_k_tokens(token_covariance(batch), batch.valid, selection_size(hp["cov_ratio"], batch))
-    penalty = torch.where(selected, hp["kl_cov_coef"] * batch.log_ratio.abs(), 0.0)
+    index = top_k_tokens(token_covariance(batch), batch, selection_size(hp["cov_ratio"], batch))
+    per_token = (-batch.advantages * ratio).reshape(-1)
+    penalty = hp["kl_cov_coef"] * batch.log_ratio.reshape(-1)[index].abs()
     return ObjectiveTerms(
-        per_token=-batch.advantages * ratio + penalty,
+        per_token=per_token.index_add(0, index, penalty).view(batch.shape),
         ratio=ratio,
-        metrics={"cov_selected": selected.sum().to(batch.logp.dtype)},
+        metrics={"cov_selected": float(index.numel())},
     )

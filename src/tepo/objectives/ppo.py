@@ -19,8 +19,8 @@ from tepo.objectives._registry import register_objective
 def token_ppo_terms(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """PPO clipped term with the token ratio r; (B, T)."""
     ratio = token_ratio(batch.log_ratio)
-    per_token, low, high = ppo_term(ratio, batch.advantages, hp["clip_low"], hp["clip_high"])
-    return ObjectiveTerms(per_token=per_token, ratio=ratio, clipped_low=low, clipped_high=high)
+    clip = (hp["clip_low"], hp["clip_high"])
+    return ObjectiveTerms(per_token=ppo_term(ratio, batch.advantages, *clip), ratio=ratio, clip=clip)
 
 
 @register_objective("grpo", clip_low=0.2, clip_high=0.2, agg="seq-mean-token-mean")

@@ -3,9 +3,9 @@
 All three use the geometric-mean ("Markov likelihood") ratio of a response,
 ``s_i = exp(min(ls_i, 10))`` with ``ls_i = sum_t mask*(logp - old_logp) / L_i``, in the PPO term.
 
-    gspo        ratio s_i, gradient through ls_i        agg seq-mean-token-mean   clip 3e-4/4e-4
-    gspo_token  ratio s_it (value s_i, gradient per token)  agg seq-mean-token-mean   clip 3e-4/4e-4
-    tepo        ratio s_it, agg token-mean (choice: clip 3e-4/4e-4), plus the token-level KL mask
+    gspo        ratio s_i, gradient through ls_i             agg seq-mean-token-mean   clip 3e-4/4e-4
+    gspo_token  ratio s_it (value s_i, gradient per token)   agg seq-mean-token-mean   clip 3e-4/4e-4
+    tepo        ratio s_it, agg token-mean, clip 3e-4/4e-4 (choice), plus the token-level KL mask
 
 With per-sequence advantages gspo and gspo_token agree in value and gradient; TEPO is gspo_token
 with DAPO's token-level aggregation, so a response's update grows with its length while its
@@ -29,20 +29,26 @@ from tepo.objectives._registry import register_objective
 from tepo.objectives.errors import MissingInputError
 
 
+def sequence_token_ppo_terms(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
+    """PPO clipped term with s_it (B, T); its value s_i (B, 1) serves the clip metrics."""
+    clip = (hp["clip_low"], hp["clip_high"])
+    ratio = sequence_token_ratio(batch.log_ratio, batch.seq_log_ratio)
+    value = sequence_ratio(batch.seq_log_ratio.detach()).unsqueeze(-1)
+    return ObjectiveTerms(per_token=ppo_term(ratio, batch.advantages, *clip), ratio=value, clip=clip)
+
+
 @register_objective("gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean")
 def gspo(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """GSPO: PPO term with s_i (B, 1) broadcast over the response; gradient flows through ls_i."""
+    clip = (hp["clip_low"], hp["clip_high"])
     ratio = sequence_ratio(batch.seq_log_ratio).unsqueeze(-1)  # (B, 1)
-    per_token, low, high = ppo_term(ratio, batch.advantages, hp["clip_low"], hp["clip_high"])
-    return ObjectiveTerms(per_token=per_token, ratio=ratio, clipped_low=low, clipped_high=high)
+    return ObjectiveTerms(per_token=ppo_term(ratio, batch.advantages, *clip), ratio=ratio, clip=clip)
 
 
 @register_objective("gspo_token", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean")
 def gspo_token(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """GSPO-token: PPO term with s_it (B, T): value s_i, gradient through token t only."""
-    ratio = sequence_token_ratio(batch.logp, batch.seq_log_ratio)
-    per_token, low, high = ppo_term(ratio, batch.advantages, hp["clip_low"], hp["clip_high"])
-    return ObjectiveTerms(per_token=per_token, ratio=ratio, clipped_low=low, clipped_high=high)
+    return sequence_token_ppo_terms(batch, hp)
 
 
 @register_objective("tepo", clip_low=3e-4, clip_high=4e-4, agg="token-mean", tepo_kl_coef=0.0)
@@ -63,21 +69,13 @@ def tepo(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
                 f"tepo with tepo_kl_coef={coef} needs entropy and old_entropy, (B, T) each; "
                 f"missing: {', '.join(missing)} (or set tepo_kl_coef=0)"
             )
-    ratio = sequence_token_ratio(batch.logp, batch.seq_log_ratio)
-    per_token, low, high = ppo_term(ratio, batch.advantages, hp["clip_low"], hp["clip_high"])
-    extra_loss = None
-    kl_mask_frac = batch.logp.new_zeros(())
+    terms = sequence_token_ppo_terms(batch, hp)
+    kl_mask_frac = batch.mask.new_zeros(())
     if batch.entropy is not None and batch.old_entropy is not None:
         kl_mask = (batch.advantages > 0) & (batch.entropy.detach() < batch.old_entropy) & batch.valid
         kl_mask_frac = masked_count(kl_mask, batch) / batch.n_tokens
         if coef > 0:
             k = kl_estimate(-batch.log_ratio, "k3")
-            extra_loss = coef * torch.where(kl_mask, k, 0.0).sum() / batch.n_tokens
-    return ObjectiveTerms(
-        per_token=per_token,
-        ratio=ratio,
-        clipped_low=low,
-        clipped_high=high,
-        extra_loss=extra_loss,
-        metrics={"kl_mask_frac": kl_mask_frac},
-    )
+            terms.extra_loss = coef * torch.where(kl_mask, k, 0.0).sum() / batch.n_tokens
+    terms.metrics["kl_mask_frac"] = kl_mask_frac
+    return terms

@@ -157,6 +157,10 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+def _checkpoint_step(path: str) -> int:
+    return int(json.loads(Path(path, "trainer_state.json").read_text())["global_step"])
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -230,7 +234,13 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}", file=sys.stderr)
 
     train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    done = resume is not None and _checkpoint_step(resume) >= config.max_steps > 0
+    if done:  # transformers would run one more step past max_steps when resumed at the end
+        print(f"tepo train: {resume} is already at max_steps={config.max_steps}; nothing to train", file=sys.stderr)
+        trainer.state.global_step = _checkpoint_step(resume)
+        trainer._load_from_checkpoint(resume)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_started
     guard = trainer.nonfinite_guard
     if guard.stopped_at is not None:

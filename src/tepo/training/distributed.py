@@ -1,0 +1,132 @@
+"""Exact token-mean losses across processes and gradient-accumulation micro-batches.
+
+`tepo.objectives.policy_loss` aggregates over the micro-batch it is given. One optimiser step then
+back-propagates, with W data-parallel processes (DDP, DeepSpeed, FSDP all average gradients over
+ranks) and k accumulated micro-batches (the trainer divides each loss by k):
+
+    grad = (1/W) sum_ranks sum_micro (1/k) grad loss_micro
+
+- seq-mean-* modes (GRPO, GSPO, Dr. GRPO): loss_micro averages over its B rows, and every micro-batch
+  of every rank holds the same B rows (per_device_train_batch_size), so this is already the mean
+  over all W*k*B rows of the step: exact, nothing to do.
+- token-mean (DAPO, TEPO, Clip-Cov, KL-Cov): loss_micro = S_micro / N_micro (sum over its tokens /
+  its token count). The sum above weights each micro-batch's tokens by 1/(W k N_micro), not by
+  1/N_step, so micro-batches with few tokens count for too much. Multiplying loss_micro by
+
+        token_mean_rescale(N_micro, N_step, W, k) = N_micro * W * k / N_step
+
+  turns it into S_micro * W * k / N_step, and the sum becomes sum(S) / N_step: the token-mean over
+  every token of the optimiser step, on every process. TEPO's KL-mask term divides by N too, so the
+  same factor makes it exact (with agg=token-mean, TEPO's default).
+
+N_step is gathered across processes (`sum_across_processes`); over accumulated micro-batches it is
+read from TRL's rollout buffer (`optimizer_step_window`). TRL's own "dapo" loss uses the rollout's
+global count divided evenly between its optimiser steps, which is exact only with one optimiser step
+per rollout; the buffer gives the exact count whenever an optimiser step does not straddle two
+rollouts (steps_per_generation a multiple of gradient_accumulation_steps), and that estimate is the
+fallback otherwise. Tensor-parallel ranks that see the same batch are counted in both W and N_step,
+so the factor stays right for them.
+
+What stays per rank and per micro-batch (not made global here): Clip-Cov / KL-Cov's covariance
+means and their number of selected tokens k = max(1, int(cov_ratio * N_micro)); the TEPO KL mask
+term when agg is not token-mean; the metrics `policy_loss` returns (the trainer averages them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+def token_mean_rescale(local_tokens: float | Tensor, global_tokens: float | Tensor, world_size: int,
+                       micro_batches: int = 1) -> float:
+    """Factor for one micro-batch's token-mean loss: local_tokens * world_size * micro_batches / global_tokens.
+
+    local_tokens: valid tokens of this micro-batch on this process (the N its loss divided by).
+    global_tokens: valid tokens of the whole optimiser step, all processes and micro-batches.
+    world_size: processes whose gradients are averaged; micro_batches: micro-batches accumulated
+    into the step (the trainer divides each loss by it). With no valid token anywhere the losses
+    are all 0 and the factor is 0.
+    """
+    local, total = float(local_tokens), float(global_tokens)
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches!r} must be an integer >= 1")
+    if not local >= 0 or not total >= 0:  # also refuses NaN
+        raise ValueError(f"token counts must be >= 0, got local_tokens={local!r}, global_tokens={total!r}")
+    if local > total:
+        raise ValueError(
+            f"local_tokens={local:g} > global_tokens={total:g}: the global count must include this "
+            "micro-batch (sum it over all processes and accumulated micro-batches)"
+        )
+    if total == 0:
+        return 0.0
+    return local * world_size * micro_batches / total
+
+
+def sum_across_processes(accelerator, value: float | int | Tensor) -> Tensor:
+    """0-dim int64 sum of `value` (a count) over all processes of `accelerator`; the value itself
+    when there is one process. Every process must call it (it is a collective)."""
+    device = value.device if isinstance(value, Tensor) else accelerator.device
+    count = torch.as_tensor(value, device=device).detach().reshape(()).round().to(torch.int64)
+    if accelerator.num_processes == 1:
+        return count
+    return accelerator.reduce(count, reduction="sum")
+
+
+def loss_mask(inputs: Mapping[str, Any]) -> Tensor:
+    """(B, T) the tokens the loss counts: completion_mask, times tool_mask when present (as TRL)."""
+    mask = inputs["completion_mask"]
+    tool_mask = inputs.get("tool_mask")
+    return mask if tool_mask is None else mask * tool_mask
+
+
+def optimizer_step_window(micro_step: int, grad_accum: int, steps_per_generation: int) -> range | None:
+    """Positions, in TRL's buffer of `steps_per_generation` micro-batches of one rollout, of the
+    micro-batches that form the optimiser step containing micro-batch number `micro_step` (TRL's
+    `_step`, counted from 0 on this process). None when optimiser steps can straddle two rollouts
+    (steps_per_generation not a multiple of grad_accum): the later rollout does not exist yet."""
+    for name, value, low in (("micro_step", micro_step, 0), ("grad_accum", grad_accum, 1),
+                             ("steps_per_generation", steps_per_generation, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    if steps_per_generation % grad_accum:
+        return None
+    index = micro_step % steps_per_generation
+    start = index - index % grad_accum
+    return range(start, start + grad_accum)
+
+
+def step_token_count(trainer, inputs: Mapping[str, Any]) -> Tensor | float:
+    """Valid tokens of the current optimiser step over all processes and accumulated micro-batches.
+
+    Exact from TRL's rollout buffer (`trainer._buffered_inputs`, indexed by `trainer._step`) when the
+    step lies inside one rollout; otherwise TRL's estimate, the rollout's global count
+    (`inputs["num_items_in_batch"]`) shared evenly between its micro-batches. Collective: every
+    process must call it for every micro-batch."""
+    spg = int(trainer.args.steps_per_generation)
+    k = int(trainer.current_gradient_accumulation_steps)
+    window = optimizer_step_window(int(trainer._step), k, spg)
+    buffer: Sequence[Mapping[str, Any]] | None = getattr(trainer, "_buffered_inputs", None)
+    if window is not None and buffer is not None and len(buffer) == spg:
+        local = sum(loss_mask(buffer[i]).sum() for i in window)
+        return sum_across_processes(trainer.accelerator, local)
+    return inputs["num_items_in_batch"] * k / spg
+
+
+def token_mean_scale(trainer, inputs: Mapping[str, Any]) -> float:
+    """Factor for the token-mean loss `policy_loss` returned for `inputs` (one micro-batch) so that
+    the optimiser step's gradient is that of the token-mean over all its tokens (see the module
+    docstring). 1.0 outside training and with one process and no accumulation. Collective when
+    there are several processes: call it on every process, for every training micro-batch."""
+    if not trainer.model.training:
+        return 1.0
+    world = int(trainer.accelerator.num_processes)
+    k = int(trainer.current_gradient_accumulation_steps)
+    if world == 1 and k == 1:
+        return 1.0
+    local = loss_mask(inputs).sum()
+    return token_mean_rescale(local, step_token_count(trainer, inputs), world, k)

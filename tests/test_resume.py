@@ -1,0 +1,82 @@
+"""Checkpoints are atomic and resuming keeps metrics.jsonl continuous."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from transformers import Trainer
+
+from tepo.training import TEPOTrainer, last_complete_checkpoint, read_metrics
+from tepo.training.trainer import STAGING_DIR
+
+from _tiny_llm import parity_reward, prompt_dataset, small_config, tiny_model, tiny_tokenizer
+
+
+def run(out, *, resume=None, **overrides):
+    tok = tiny_tokenizer()
+    args = small_config(out, **{"max_steps": 4, "save_strategy": "steps", "save_steps": 2, **overrides})
+    tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
+                     train_dataset=prompt_dataset(), processing_class=tok)
+    tr.train(resume_from_checkpoint=resume)
+    return tr
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_keeps_metrics_continuous(tmp_path):
+    out = tmp_path / "run"
+    run(out)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (out / "checkpoint-2" / "trainer_state.json").exists() and (out / "checkpoint-4").exists()
+
+    # What a crash during step 4's save would have left: rows 1-3 and a torn row, no checkpoint-4,
+    # a half-written staged checkpoint, and (from some other tool) a checkpoint folder with no state.
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    (out / STAGING_DIR / "checkpoint-4").mkdir(parents=True)
+    (out / STAGING_DIR / "checkpoint-4" / "model.safetensors").write_bytes(b"\0" * 10)
+    (out / "checkpoint-5").mkdir()
+
+    resume = last_complete_checkpoint(out)
+    assert resume == str(out / "checkpoint-2")
+    second = run(out, resume=resume)
+    assert second.state.global_step == 4
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4], "duplicated or missing steps"
+    assert resumed[:2] == rows[:2], "rows up to the checkpoint are kept as they were"
+    assert (out / "checkpoint-4" / "trainer_state.json").exists()
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert not (out / STAGING_DIR / "checkpoint-4").exists(), "the stale staged copy was replaced"
+
+
+@pytest.mark.slow
+def test_a_save_interrupted_midway_leaves_no_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def crash(self, output_dir):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", crash)  # after the model and optimizer files
+    with pytest.raises(KeyboardInterrupt):
+        run(out, max_steps=2, save_steps=2)
+    assert not (out / "checkpoint-2").exists()
+    assert (out / STAGING_DIR / "checkpoint-2" / "model.safetensors").exists()  # the partial copy stays staged
+    assert last_complete_checkpoint(out) is None
+    monkeypatch.undo()
+    run(out, max_steps=2, save_steps=2)  # a fresh run saves over the leftover
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert os.listdir(out / STAGING_DIR) == []
+
+
+@pytest.mark.slow
+def test_save_total_limit_rotates_final_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run(out, max_steps=4, save_steps=1, save_total_limit=2)
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-3", "checkpoint-4"]

@@ -1,0 +1,290 @@
+"""Answer extraction and verification (tepo.rewards)."""
+
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tepo import rewards
+from tepo.rewards import (
+    MAX_ANSWER_CHARS,
+    canonical_answer,
+    extract_answer,
+    math_reward,
+    math_reward_func,
+    refusal_reason,
+    verify_answer,
+)
+
+DATA_DIR = Path(os.environ.get("TEPO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so it is \\boxed{5}.", "5"),
+        ("first \\boxed{3}, then \\boxed{4}", "4"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("nested \\boxed{\\boxed{7}}", "7"),
+        ("\\boxed 5 is it", "5"),
+        ("\\fbox{12}", "12"),
+        ("good \\boxed{3} then cut off \\boxed{4", "3"),  # the last box is unclosed
+        ("\\boxed{3} and \\boxed{ }", "3"),  # the last box is empty
+        ("The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
+        ("The final answer is 3.5. I hope it is correct.", "3.5"),
+        ("the FINAL ANSWER IS: 12", "12"),
+        ("work\n#### 1,000\n", "1,000"),
+        ("\\boxed{2} but the final answer is 3", "2"),  # a box wins over the phrase
+        ("no answer here", None),
+        ("", None),
+        ("\\boxed{}", None),
+        ("\\boxeds{5}", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_caps_length():
+    assert extract_answer("\\boxed{" + "1" * MAX_ANSWER_CHARS + "}") == "1" * MAX_ANSWER_CHARS
+    assert extract_answer("\\boxed{" + "1" * (MAX_ANSWER_CHARS + 1) + "}") is None
+    assert extract_answer("The final answer is " + "1" * (MAX_ANSWER_CHARS + 100)) is None
+
+
+def test_extract_answer_non_strings():
+    for bad in (None, 5, b"\\boxed{5}", ["\\boxed{5}"]):
+        assert extract_answer(bad) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("\\boxedfinalswr {}$#0123456789.,-/x=^!")), max_size=300))
+def test_extract_answer_never_raises(text):
+    answer = extract_answer(text)
+    assert answer is None or (isinstance(answer, str) and 0 < len(answer) <= MAX_ANSWER_CHARS)
+    canonical_answer(text)
+
+
+# --------------------------------------------------------------------------------------------
+# verification
+
+
+EQUIVALENT = [
+    # fractions and decimals
+    ("0.5", "\\frac{1}{2}"),
+    ("1/2", "0.5"),
+    ("\\dfrac{3}{4}", "0.75"),
+    ("\\tfrac34", "\\frac{3}{4}"),
+    ("-\\frac{3}{4}", "\\frac{-3}{4}"),
+    ("0.333333", "\\frac{1}{3}"),  # a decimal rounding (6 places) to a non-integer gold
+    (".5", "1/2"),
+    ("3.0", "3"),
+    ("5.", "5"),
+    ("+7", "7"),
+    # thousands separators
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    ("1\\,000", "1000"),
+    ("12,345,678", "12345678"),
+    # x = 5 vs 5
+    ("x = 5", "5"),
+    ("5", "x=5"),
+    ("n=12", "12"),
+    # percentages, currency, degrees, wrappers, scientific notation
+    ("25\\%", "25"),
+    ("25%", "0.25"),
+    ("25", "25\\%"),
+    ("\\$5", "5"),
+    ("\\$1,250.00", "1250"),
+    ("90^\\circ", "90"),
+    ("$12$", "12"),
+    ("\\text{12}", "12"),
+    ("4.5 \\times 10^{33}", "4.5e33"),
+    ("3 \\cdot 10^{8}", "3e8"),
+    # radicals, intervals, sets, expressions (math-verify)
+    ("2\\sqrt{3}", "\\sqrt{12}"),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+    ("(1, 3]", "(1,3]"),
+    ("[2, \\infty)", "[2,\\infty)"),
+    ("\\{2, 1\\}", "\\{1,2\\}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)"),
+    ("\\frac{1}{2(n+1)}", "$\\frac{1}{2 n+2}$"),
+    ("2+3", "5"),
+    ("6 - 5i", "6-5i"),
+    ("\\text{Evelyn}", "\\text{Evelyn}"),
+]
+
+NOT_EQUIVALENT = [
+    ("6", "5"),
+    ("-5", "5"),
+    ("0.33", "\\frac{1}{3}"),
+    ("5.0000001", "5"),  # an integer gold must be hit exactly
+    ("2.5", "25"),
+    ("12", "1,2"),  # 1,2 is a pair, not twelve
+    ("1000", "100"),
+    ("[1,3]", "(1,3)"),
+    ("(1, 3)", "(1, 3]"),
+    ("\\sqrt{3}", "3^{1/3}"),
+    ("\\frac{2}{3}", "\\frac{3}{2}"),
+    ("x = 6", "5"),
+    ("\\text{Alice}", "\\text{Evelyn}"),
+    ("25\\%", "2.5"),
+]
+
+
+@pytest.mark.parametrize("pred, gold", EQUIVALENT)
+def test_equivalent_forms(pred, gold):
+    assert verify_answer(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred, gold", NOT_EQUIVALENT)
+def test_non_equivalent_forms(pred, gold):
+    assert verify_answer(pred, gold) is False
+
+
+def test_plain_numbers_never_reach_math_verify(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("math-verify called for plain numbers")
+
+    monkeypatch.setattr(rewards, "_guarded_math_verify", boom)
+    rewards._verify_clean.cache_clear()
+    for pred, gold in [("0.5", "\\frac{1}{2}"), ("1,000", "1000"), ("x = 5", "5"), ("25\\%", "25"), ("\\$5", "5"), ("6", "5")]:
+        verify_answer(pred, gold)
+    rewards._verify_clean.cache_clear()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.fractions(min_value=-10**6, max_value=10**6, max_denominator=1000))
+def test_equal_numbers_in_any_form(x: Fraction):
+    forms = [f"{x.numerator}/{x.denominator}", f"\\frac{{{x.numerator}}}{{{x.denominator}}}"]
+    if x.denominator == 1:
+        forms += [str(x.numerator), f"{x.numerator:,}", f"x = {x.numerator}"]
+    if (10**6 * x).denominator == 1:  # a terminating decimal with at most 6 places
+        forms.append(f"{float(x):.6f}")
+    for a in forms:
+        for b in forms:
+            assert verify_answer(a, b), (a, b)
+    assert len({canonical_answer(f"\\boxed{{{f}}}") for f in forms}) == 1
+    assert not verify_answer(forms[0], f"{x.numerator + x.denominator}/{x.denominator}")
+
+
+def test_gold_must_be_a_non_empty_string():
+    with pytest.raises(TypeError, match="gold answer must be a string"):
+        verify_answer("5", None)
+    with pytest.raises(ValueError, match="gold answer is empty"):
+        math_reward("\\boxed{5}", "  ")
+    assert verify_answer("5", 5)  # an int gold is accepted
+
+
+def test_bad_predictions_are_wrong_not_errors():
+    for pred in (None, 5, "", "   ", "\x00", "\ud800", "1" * (MAX_ANSWER_CHARS + 1)):
+        assert verify_answer(pred, "1") is False
+
+
+# --------------------------------------------------------------------------------------------
+# pre-screen
+
+
+@pytest.mark.parametrize(
+    "pred, gold, refused",
+    [
+        ("9^{9^{9}}", "5", True),
+        ("e^{x^2}", "e^{x^{2}}", False),  # the gold has a tower too
+        ("2^{1009}", "2^{1009}", False),
+        ("9^{999999}", "5", True),
+        ("(x+1)^{5000}", "5", True),
+        ("100000!", "5", True),
+        ("((3!)!)!", "5", True),
+        ("\\frac{(2n)!}{n!^2}", "\\binom{2n}{n}", False),
+        ("\\binom{10^{9}}{3}", "5", True),
+        ("\\binom{10}{3}", "120", False),
+        ("\\int_0^1 x\\,dx", "\\frac{1}{2}", True),
+        ("\\sum_{k=1}^{n} k", "\\sum_{k=1}^{n} k", False),
+        ("(" * 100 + "1" + ")" * 100, "1", True),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", False),
+    ],
+)
+def test_refusal_reason(pred, gold, refused):
+    assert (refusal_reason(pred, gold) is not None) == refused
+
+
+def test_refused_answer_is_wrong_without_math_verify(monkeypatch):
+    monkeypatch.setattr(rewards, "_guarded_math_verify", lambda *a: pytest.fail("math-verify reached"))
+    rewards._verify_clean.cache_clear()
+    assert verify_answer("9^{9^{9^{9}}}", "5") is False
+    rewards._verify_clean.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# rewards and voting
+
+
+def test_math_reward():
+    assert math_reward("Thus \\boxed{\\frac{1}{2}}.", "0.5") == 1.0
+    assert math_reward("Thus \\boxed{3}.", "0.5") == 0.0
+    assert math_reward("no box", "0.5") == 0.0
+    assert math_reward([{"role": "assistant", "content": "\\boxed{4}"}], "4") == 1.0
+    assert math_reward({"role": "assistant", "content": [{"type": "text", "text": "\\boxed{4}"}]}, "4") == 1.0
+    for weird in (None, 42, object(), [None], [{"role": "assistant"}]):
+        assert math_reward(weird, "4") == 0.0
+
+
+def test_math_reward_func_for_trl():
+    assert math_reward_func.__name__ == "math_reward"
+    completions = ["\\boxed{7}", "\\boxed{8}", "The final answer is 7."]
+    assert math_reward_func(completions, answer=["7", "7", "7"]) == [1.0, 0.0, 1.0]
+    conversational = [[{"role": "assistant", "content": c}] for c in completions]
+    rewards_ = math_reward_func(prompts=[[{"role": "user", "content": "q"}]] * 3, completions=conversational,
+                                completion_ids=[[1]] * 3, answer=["7", "7", "7"], id=["a", "b", "c"], trainer_state=None)
+    assert rewards_ == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="3 completions but 2 answers"):
+        math_reward_func(completions, answer=["7", "7"])
+
+
+@pytest.mark.parametrize(
+    "texts, same",
+    [
+        (["\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{1/2}", "The final answer is $\\dfrac{1}{2}$."], True),
+        (["\\boxed{1,000}", "\\boxed{1000}", "#### 1000", "\\boxed{x = 1000}"], True),
+        (["\\boxed{\\dfrac{\\pi}{2}}", "\\boxed{\\frac{\\pi}{2}}", "\\boxed{ \\frac{\\pi}{2} }"], True),
+        (["\\boxed{\\left(1,2\\right)}", "\\boxed{(1, 2)}"], True),
+        (["\\boxed{2}", "\\boxed{3}"], False),
+    ],
+)
+def test_canonical_answer(texts, same):
+    forms = {canonical_answer(t) for t in texts}
+    assert None not in forms
+    assert (len(forms) == 1) == same
+
+
+def test_canonical_answer_none_without_answer():
+    assert canonical_answer("I do not know") is None
+
+
+# --------------------------------------------------------------------------------------------
+# the real benchmark answers verify against themselves
+
+
+@pytest.mark.slow
+def test_every_gold_answer_verifies_against_itself():
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"data folder {DATA_DIR} not found (set TEPO_DATA_DIR)")
+    failures = []
+    for name in ("math500", "olympiadbench", "minerva_math", "aime24", "aime25", "amc23", "gsm8k"):
+        path = DATA_DIR / name / "test.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():
+            gold = json.loads(line)["answer"]
+            if math_reward(f"So the answer is \\boxed{{{gold}}}.", gold) != 1.0:
+                failures.append((name, gold))
+    assert not failures, failures[:10]
