@@ -6,7 +6,7 @@ per-sequence group advantages (G = 8) of 0/1 rewards.
 Each repeat times every objective once, in a shuffled order; the figure is the median over repeats.
 Targets: every objective <= 1.5x grpo, tepo <= 1.2x.
 
-    flock /tmp/tepo-cpu.lock .venv/bin/python bench/objectives.py [--repeats 21]
+    flock /tmp/tepo-cpu.lock .venv/bin/python bench/objectives.py [--repeats 31] [--threads N]
 """
 
 from __future__ import annotations
@@ -66,9 +66,12 @@ def time_once(inputs: dict, name: str, hp: dict, optional: tuple) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     inputs = make_inputs()
     order = list(CASES)

@@ -126,7 +126,9 @@ def test_worked_example_is_not_a_generated_problem():
 
 @pytest.mark.slow
 def test_messages_render_with_the_smollm2_chat_template():
-    path = Path.home() / ".cache" / "tepo" / "models" / "SmolLM2-135M-Instruct"
+    from tepo.models import cache_dir
+
+    path = cache_dir() / "models" / "SmolLM2-135M-Instruct"  # no conversion here: only if it exists
     if not (path / "tokenizer_config.json").is_file():
         pytest.skip(f"offline SmolLM2 not converted yet at {path}")
     from transformers import AutoTokenizer

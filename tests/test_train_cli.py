@@ -49,7 +49,7 @@ def test_unknown_option_is_refused(tmp_path, capsys):
     assert "--no_such_option" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "gsm8k-smollm.yaml", "paper-7b.yaml"])
 def test_recipes_parse(tmp_path, recipe):
     script, config = parse(["--config", str(RECIPES / recipe), "--output_dir", str(tmp_path)])
     assert config.gradient_accumulation_steps == 1, "recipes keep each optimiser step's loss exact"

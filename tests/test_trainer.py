@@ -295,3 +295,19 @@ def test_metrics_reader_drops_torn_last_line_only(tmp_path):
     path.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
     with pytest.raises(ValueError, match="metrics.jsonl:1"):
         read_metrics(path)
+
+
+@pytest.mark.slow
+def test_heldout_eval_every_n_steps_lands_in_its_row(tmp_path):
+    tok = tiny_tokenizer()
+    problems = [{"id": f"h{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    args = small_config(tmp_path / "run", max_steps=2, heldout_eval_steps=2, heldout_max_new_tokens=4)
+    tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
+                     train_dataset=prompt_dataset(), processing_class=tok, heldout_problems=problems)
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert "heldout_accuracy" not in rows[0]
+    assert 0.0 <= rows[1]["heldout_accuracy"] <= 1.0
+    assert tr.heldout_callback.results[2]["num_problems"] == 3
+    assert tr.model.training, "evaluation must hand the model back in training mode"
+    assert (tmp_path / "run" / "monitor.json").exists()

@@ -195,6 +195,10 @@ _SPACING = re.compile(r"\\[,!;:> ]|~|\\quad|\\qquad")
 _LHS = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*=\s*", re.A)
 _DEGREES = re.compile(r"\s*(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)$")
 _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\s*percent)$")
+# trailing units: "18 dollars", "5 \text{ apples}", "3\mathrm{cm}" (words only: "5 x" stays a product)
+_UNITS = re.compile(
+    r"(?:\s*\\(?:text|mathrm|textrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .]*\}|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$", re.A
+)
 _DOLLAR = re.compile(r"^(?:\\\$|\$|\\text\{\s*\\\$\s*\})\s*")
 
 _DEC = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
@@ -270,6 +274,7 @@ def _parse_plain_number(text: str) -> _Number | None:
     if m:
         percent, s = True, s[: m.start()]
     s = _DEGREES.sub("", s)
+    s = _UNITS.sub("", s)
     s = _DOLLAR.sub("", s)
     s = _unwrap(s.strip())
     sign = 1
@@ -697,7 +702,7 @@ def _clean(text: str) -> str:
 
 
 def _check_gold(gold: Any) -> str:
-    if isinstance(gold, bool) or not isinstance(gold, (str, int, Fraction)):
+    if isinstance(gold, bool) or not isinstance(gold, (str, int)):
         raise TypeError(f"gold answer must be a string (or an int), got {type(gold).__name__}: {gold!r:.80}")
     gold = str(gold).strip()
     if not gold:

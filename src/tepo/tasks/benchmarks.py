@@ -5,8 +5,8 @@ Offline (the default when a data folder is known): ``<data_dir>/<name>/test.json
 the environment variable ``TEPO_DATA_DIR``. Without either, the hub copy is loaded with
 ``datasets.load_dataset`` and its fields are mapped to ``id``/``problem``/``answer``.
 
-Hub sources (repo, config, split, problem field, answer field), as open math-RL evaluations use
-them (SimpleRL-Zoo, Qwen2.5-Math's harness, lighteval, rLLM):
+Hub sources (repo, config, split, problem field, answer field), as open evaluation code on GitHub
+loads them (lighteval, rLLM and others; not checked against the live hub from here, which is offline):
 
 - gsm8k: ``openai/gsm8k``, config ``main``, split ``test``, ``question``, ``answer`` (the text after
   ``####``, thousands commas removed)

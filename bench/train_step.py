@@ -1,0 +1,306 @@
+"""Step time of TEPOTrainer (objective tepo) vs stock TRL GRPOTrainer, same model, data, batch and
+generation settings, in one process. Writes the `train_step` section of docs/benchmarks.md.
+
+    # CPU (this dev box; run under the CPU lock): SmolLM2-135M, real weights
+    flock /tmp/tepo-cpu.lock .venv/bin/python bench/train_step.py --device cpu
+    # GPU: a Qwen2.5-0.5B-shaped model with random weights, 16 prompts x 8 completions, 128-token
+    # prompts, 512 forced completion tokens, on-policy (as in spec/MEASURED.md's stock-TRL GPU run)
+    python bench/train_step.py --device cuda --model_config qwen2.5-0.5b --steps 6
+
+Per trainer it reports the mean optimiser-step time, the generation time and generated tokens/s
+(TRL's `_generate`, forced to full length so both trainers generate the same number of tokens),
+the update phase (the rest of the step: old/ref log-prob passes, forward+backward, optimiser)
+with its tokens/s, and the update-phase MFU = 6 * params * update tokens / time / peak bf16 FLOP/s
+(989 TFLOP/s for an H100 / H200 SXM; pass --peak_tflops for another card). The first rollout
+block (steps_per_generation steps) of each trainer is warm-up and not counted. The trainers run
+alternately (stock, tepo, stock, tepo ... for --repeats rounds) so a slow patch of a shared
+machine hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _report import machine, write_section  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+# Model shapes with random weights (no download needed).
+PRESETS = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        rope_theta=1_000_000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+}
+
+
+def build_model_and_tokenizer(args):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if args.model_config in ("smollm2-135m", None):
+        from tepo.models import resolve_model
+
+        path = resolve_model(None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return model, tokenizer, "SmolLM2-135M-Instruct (real weights)"
+    if args.model_config in PRESETS:
+        spec = dict(PRESETS[args.model_config])
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        label = f"{args.model_config} shape, random weights"
+    else:
+        config = AutoConfig.from_pretrained(args.model_config)
+        label = f"{args.model_config} config, random weights"
+    if args.tokenizer == "char":
+        from _tiny_llm import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer, label
+
+
+def build_dataset(tokenizer, num_prompts: int, prompt_tokens: int | None):
+    """Arithmetic problems; with prompt_tokens, plain-text prompts cut to that many tokens."""
+    from tepo.tasks import load_task, to_prompt_dataset
+
+    problems = load_task(task="arithmetic", split="train", num_problems=num_prompts, levels=[1, 2])
+    if prompt_tokens is None:
+        return to_prompt_dataset(problems)
+    from datasets import Dataset
+
+    rows = []
+    for p in problems:
+        ids = tokenizer(p["problem"] + " ", add_special_tokens=False)["input_ids"]
+        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
+        rows.append({"prompt": tokenizer.decode(ids), "answer": p["answer"], "id": p["id"]})
+    return Dataset.from_list(rows)
+
+
+class Probe:
+    """Wraps one trainer's methods to time steps, generation and update, and count tokens."""
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        self.steps: list[dict] = []
+        self._cur: dict = {}
+        probe = self
+
+        gen, generate, loss = trainer._generate_and_score_completions, trainer._generate, trainer._compute_loss
+
+        def timed_rollout(inputs):
+            t0 = time.perf_counter()
+            out = gen(inputs)
+            probe._cur["rollout_s"] = probe._cur.get("rollout_s", 0.0) + time.perf_counter() - t0
+            return out
+
+        def timed_generate(prompts):
+            t0 = time.perf_counter()
+            out = generate(prompts)
+            probe._sync()
+            probe._cur["generate_s"] = probe._cur.get("generate_s", 0.0) + time.perf_counter() - t0
+            probe._cur["generated_tokens"] = probe._cur.get("generated_tokens", 0) + sum(len(c) for c in out[1])
+            return out
+
+        def counted_loss(model, inputs):
+            tokens = int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+            probe._cur["update_tokens"] = probe._cur.get("update_tokens", 0) + tokens
+            return loss(model, inputs)
+
+        trainer._generate_and_score_completions = timed_rollout
+        trainer._generate = timed_generate
+        trainer._compute_loss = counted_loss
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                probe._sync()
+                probe._cur = {"t0": time.perf_counter()}
+
+            def on_step_end(self, args, state, control, **kw):
+                probe._sync()
+                cur = probe._cur
+                cur["step_s"] = time.perf_counter() - cur.pop("t0")
+                cur["step"] = state.global_step
+                probe.steps.append(cur)
+
+        trainer.add_callback(Clock())
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tepo.rewards import math_reward_func
+    from tepo.training import TEPOConfig, TEPOTrainer
+
+    common = dict(
+        output_dir=str(out_dir / kind), per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
+        steps_per_generation=args.steps_per_generation, max_completion_length=args.max_completion_length,
+        temperature=1.0, learning_rate=1e-6, lr_scheduler_type="constant", max_steps=args.total_steps,
+        bf16=True, use_cpu=args.device == "cpu", gradient_checkpointing=False, report_to=[], save_strategy="no",
+        seed=0, disable_tqdm=True, logging_steps=1,
+        generation_kwargs={"min_new_tokens": args.max_completion_length} if args.force_length else None,
+    )
+    if kind == "stock":
+        config = GRPOConfig(loss_type="dapo", beta=0.0, **common)
+        cls = GRPOTrainer
+        kwargs = {}
+    else:
+        config = TEPOConfig(objective="tepo", stability_monitor=False, **common)
+        cls = TEPOTrainer
+        kwargs = {}
+    return cls(model=model, reward_funcs=math_reward_func, args=config, train_dataset=dataset,
+               processing_class=tokenizer, **kwargs)
+
+
+def summarize(steps: list[dict], params: int, peak_flops: float | None) -> dict:
+    step_s = [s["step_s"] for s in steps]
+    gen_s = sum(s.get("generate_s", 0.0) for s in steps)
+    gen_tokens = sum(s.get("generated_tokens", 0) for s in steps)
+    update_s = sum(s["step_s"] - s.get("generate_s", 0.0) for s in steps)
+    update_tokens = sum(s.get("update_tokens", 0) for s in steps)
+    out = {
+        "steps": len(steps),
+        "step_s_mean": statistics.mean(step_s),
+        "step_s_median": statistics.median(step_s),
+        "generate_s_per_step": gen_s / len(steps),
+        "generated_tok_per_s": gen_tokens / gen_s if gen_s else float("nan"),
+        "update_s_per_step": update_s / len(steps),
+        "update_tok_per_s": update_tokens / update_s if update_s else float("nan"),
+    }
+    out["update_mfu"] = (6 * params * out["update_tok_per_s"] / peak_flops) if peak_flops else None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model_config", default=None,
+                   help="smollm2-135m (real weights, the CPU default), qwen2.5-0.5b (random weights, the GPU default), or a config folder")
+    p.add_argument("--tokenizer", default="char", help="for random-weight models: 'char' (built in) or a tokenizer folder")
+    p.add_argument("--steps", type=int, default=None, help="measured optimiser steps per trainer per round (after warm-up)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds; each round runs stock then tepo")
+    p.add_argument("--num_prompts", type=int, default=None, help="prompts per rollout")
+    p.add_argument("--num_generations", type=int, default=None)
+    p.add_argument("--steps_per_generation", type=int, default=None)
+    p.add_argument("--max_completion_length", type=int, default=None)
+    p.add_argument("--prompt_tokens", type=int, default=None, help="plain-text prompts of this many tokens (default: chat prompts)")
+    p.add_argument("--no_force_length", dest="force_length", action="store_false", help="let completions stop at EOS")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
+    p.add_argument("--no_write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    p.add_argument("--json", default=None, help="also write the raw results to this file")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    # defaults: CPU = the quickstart batch shape, shortened; GPU = spec/MEASURED.md's stock-TRL GPU run
+    defaults = dict(
+        model_config="qwen2.5-0.5b" if gpu else "smollm2-135m", steps=6 if gpu else 4,
+        num_prompts=16 if gpu else 4, num_generations=8 if gpu else 4, steps_per_generation=1 if gpu else 2,
+        max_completion_length=512 if gpu else 32, prompt_tokens=128 if gpu else None,
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    rollout = args.num_prompts * args.num_generations
+    if rollout % args.steps_per_generation:
+        p.error("num_prompts x num_generations must be divisible by steps_per_generation")
+    args.batch_size = rollout // args.steps_per_generation
+    warmup = args.steps_per_generation
+    args.total_steps = warmup + args.steps
+
+    import tempfile
+
+    torch.set_num_threads(torch.get_num_threads())
+    base, tokenizer, label = build_model_and_tokenizer(args)
+    params = sum(p.numel() for p in base.parameters())
+    dataset = build_dataset(tokenizer, num_prompts=max(64, args.num_prompts * (args.total_steps + 2)), prompt_tokens=args.prompt_tokens)
+    device_name = machine()
+    peak = args.peak_tflops
+    if peak is None and gpu:
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak_flops = peak * 1e12 if peak else None
+
+    measured: dict[str, list[dict]] = {"stock": [], "tepo": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for kind in ("stock", "tepo"):
+                model = copy.deepcopy(base)
+                trainer = make_trainer(kind, model, tokenizer, dataset, args, Path(tmp) / f"r{round_}")
+                probe = Probe(trainer)
+                t0 = time.perf_counter()
+                trainer.train()
+                print(f"[{kind} round {round_}] {args.total_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+                measured[kind] += probe.steps[warmup:]
+                peak_mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+                del trainer, model
+                if gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+    results = {kind: summarize(steps, params, peak_flops) for kind, steps in measured.items()}
+    ratio = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
+    results["ratio_tepo_over_stock"] = ratio
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    results["model"], results["params"], results["machine"] = label, params, device_name
+    if gpu:
+        results["peak_memory_gib_last"] = peak_mem
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+    def fmt(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
+
+    rows = "\n".join(
+        f"| {kind} | {fmt(r['step_s_mean'])} | {fmt(r['step_s_median'])} | {fmt(r['generate_s_per_step'])} | "
+        f"{fmt(r['generated_tok_per_s'], ',.0f')} | {fmt(r['update_s_per_step'])} | {fmt(r['update_tok_per_s'], ',.0f')} | "
+        f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
+        for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
+    )
+    s = args
+    md = f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer
+
+Machine: {device_name}. Model: {label}, {params / 1e6:.1f} M parameters.
+Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step,
+{s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
+{'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, no gradient checkpointing.
+{s.steps} measured steps per trainer per round x {s.repeats} round(s), after {warmup} warm-up step(s); trainers alternate.
+
+| trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | update s/step | update tok/s | update MFU % |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+**Step-time ratio tepo / stock: {ratio:.3f}** (target <= 1.05).
+Update phase = step time minus generation (old-policy log-probs, forward+backward, optimiser step); MFU
+counts 6 x params x update tokens against {fmt(peak, '.0f') + ' TFLOP/s' if peak else 'no known peak (CPU)'}.
+Command: `python bench/train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`
+"""
+    print(md)
+    if not args.no_write:
+        write_section("train_step_gpu" if gpu else "train_step_cpu", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
