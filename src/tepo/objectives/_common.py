@@ -143,8 +143,8 @@ def prepare_batch(
         if not torch.equal(maskf * maskf, maskf):  # x*x == x only for 0 and 1 (NaN fails too)
             raise ShapeMismatchError("mask must hold only 0 and 1 (or be a bool tensor)")
         valid = maskf != 0
-    counts = maskf.sum(-1)  # exact: integers
-    n_valid = int(counts.sum())
+    counts = maskf.sum(-1)  # exact: integers below 2**24 per row
+    n_valid = int(counts.sum(dtype=torch.float64))
 
     def clean(t: Optional[Tensor], keep_grad: bool = False) -> Optional[Tensor]:
         if t is None:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tepo.objectives._common import ObjectiveTerms, PolicyBatch, clip_flags, masked_mean, token_ratio
+from tepo.objectives._common import ObjectiveTerms, PolicyBatch, clip_flags, token_ratio
 from tepo.objectives._registry import register_objective
 from tepo.objectives.ppo import token_ppo_terms
 
@@ -35,7 +35,10 @@ def token_covariance(batch: PolicyBatch) -> Tensor:
     """
     adv = batch.advantages  # (B, 1) or (B, T), 0 at padding / empty rows
     logp = batch.logp.detach()
-    return (logp - logp.sum() / batch.n_tokens).mul_(adv - masked_mean(adv, batch))
+    # mean(A) summed over (B, T) for either shape of A, so (B,) and its broadcast (B, T) give
+    # bit-identical cov and hence the same selection even among (near-)ties
+    mean_adv = (adv * batch.mask).sum() / batch.n_tokens
+    return (logp - logp.sum() / batch.n_tokens).mul_(adv - mean_adv)
 
 
 def selection_size(cov_ratio: float, batch: PolicyBatch) -> int:

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The one prepared GPU benchmark run (H100 machine of the device tool, < 8 minutes in all):
+#   1. install the carried wheels (trl, datasets, math-verify, transformers 5.24, ...) into /tmp/site
+#   2. versions and the card
+#   3. bench/train_step.py: TEPOTrainer (tepo) vs stock TRL GRPOTrainer, same call, same model:
+#      step time, generated tokens/s, update-phase tokens/s and MFU (vs 989 TFLOP/s bf16 dense)
+#   4. bench/memory.py: peak torch.cuda memory of one step at 32/64/128 completions, and the
+#      largest batch that fits the card (linear extrapolation, said so in its output)
+# Results: $OUT/log (everything printed), $OUT/train_step.json, $OUT/memory_gpu.json and
+# $OUT/benchmarks.md (docs/benchmarks.md with the two GPU sections written by the scripts).
+#
+# Model: Qwen2.5-0.5B's architecture (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
+# 4864, tied embeddings) with random weights and SmolLM2's tokenizer, so its vocabulary is SmolLM2's
+# 49,152 tokens (every id it can generate decodes): 401.9 M parameters instead of Qwen2.5-0.5B's
+# 494.0 M (the embedding/LM head is 44.0 M instead of 136.1 M). Config and tokenizer: .gpu/
+# (made here by bench/gpu.sh's `prepare` step; git-ignored, carried to the device).
+#
+# Lead's call (device tool):  run(command="bash bench/gpu.sh", carry=[".whl", ".gpu"], timeout_s=600)
+# Dry run on a CPU with everything shrunk (no wheels installed, nothing written to docs/):
+#   GPU_BENCH_TINY=1 PY=.venv/bin/python bash bench/gpu.sh
+# Make .gpu/ (once, on the dev box):  PY=.venv/bin/python bash bench/gpu.sh prepare
+
+set -u
+set -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PY:-python3}
+TINY=${GPU_BENCH_TINY:-0}
+GPU_DIR=$ROOT/.gpu
+
+prepare() {
+    # Tokenizer of the offline default model + the two model configs (no weights: random init).
+    set -e
+    "$PY" - <<'EOF'
+import shutil
+from pathlib import Path
+
+from transformers import AutoTokenizer, Qwen2Config
+
+from tepo.models import resolve_model
+
+gpu = Path(".gpu")
+src = Path(resolve_model(None))
+tok_dir = gpu / "tokenizer"
+tok_dir.mkdir(parents=True, exist_ok=True)
+for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    if (src / name).exists():
+        shutil.copy(src / name, tok_dir / name)
+tok = AutoTokenizer.from_pretrained(tok_dir)
+common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              bos_token_id=tok.bos_token_id, tie_word_embeddings=True, rms_norm_eps=1e-6,
+              rope_theta=1_000_000.0, max_position_embeddings=32768, hidden_act="silu")
+Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, **common).save_pretrained(gpu / "qwen2.5-0.5b-smolvocab")
+Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, **common).save_pretrained(gpu / "tiny-smolvocab")
+print(f"prepared {gpu}: tokenizer ({len(tok)} tokens), qwen2.5-0.5b-smolvocab, tiny-smolvocab")
+EOF
+}
+
+if [ "${1:-}" = "prepare" ]; then
+    export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+    prepare
+    exit $?
+fi
+
+if [ -z "${OUT:-}" ]; then
+    OUT=$(mktemp -d /tmp/gpu-bench.XXXXXX)
+fi
+mkdir -p "$OUT"
+
+main() {
+    local start=$SECONDS status=0
+    for need in "$GPU_DIR/tokenizer/tokenizer.json" "$GPU_DIR/qwen2.5-0.5b-smolvocab/config.json" "$GPU_DIR/tiny-smolvocab/config.json"; do
+        if [ ! -f "$need" ]; then
+            echo "gpu.sh: missing $need: run 'PY=.venv/bin/python bash bench/gpu.sh prepare' and carry .gpu"
+            return 2
+        fi
+    done
+
+    if [ "$TINY" = "1" ]; then
+        echo "== GPU_BENCH_TINY=1: dry run on $(uname -m) CPU, shrunk sizes, docs/ untouched"
+        export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
+        DEVICE=cpu MODEL=$GPU_DIR/tiny-smolvocab NO_WRITE=--no_write
+        TS_ARGS="--steps 1 --num_prompts 2 --num_generations 2 --steps_per_generation 1 --max_completion_length 8 --prompt_tokens 16"
+        MEM_ARGS="--batch_sizes 2,4 --num_generations 2 --prompt_tokens 16 --completion_tokens 8"
+        TS_LIMIT=600 MEM_LIMIT=600
+    else
+        echo "== installing carried wheels into /tmp/site"
+        ls .whl/*.whl >/dev/null || { echo "gpu.sh: no .whl/*.whl: carry .whl"; return 2; }
+        timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || return 3
+        export PYTHONPATH=/tmp/site:$ROOT/src
+        DEVICE=cuda MODEL=$GPU_DIR/qwen2.5-0.5b-smolvocab NO_WRITE=
+        # spec/MEASURED.md's stock-TRL GPU run: 16 prompts x 8 completions, 128-token prompts,
+        # 512 forced completion tokens, bf16, one optimiser step per rollout
+        TS_ARGS="--steps 4 --num_prompts 16 --num_generations 8 --steps_per_generation 1 --max_completion_length 512 --prompt_tokens 128"
+        MEM_ARGS="--batch_sizes 32,64,128 --num_generations 8 --prompt_tokens 128 --completion_tokens 512"
+        TS_LIMIT=300 MEM_LIMIT=170
+    fi
+    export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+    echo "== versions"
+    "$PY" - <<'EOF' || return 4
+import platform, torch, transformers, trl, accelerate, datasets, tokenizers, math_verify
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| transformers", transformers.__version__, "| trl", trl.__version__, "| accelerate", accelerate.__version__,
+      "| datasets", datasets.__version__, "| tokenizers", tokenizers.__version__)
+print("torch.cuda.is_available():", torch.cuda.is_available(),
+      "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+import tepo, tepo.training.trainer  # the package imports with these versions
+print("tepo", tepo.__version__, "from", tepo.__file__)
+EOF
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    else
+        echo "(no nvidia-smi)"
+    fi
+
+    echo "== train_step: tepo vs stock GRPOTrainer ($(( SECONDS - start )) s so far)"
+    # shellcheck disable=SC2086
+    timeout "$TS_LIMIT" "$PY" bench/train_step.py --device "$DEVICE" --model_config "$MODEL" \
+        --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS --json "$OUT/train_step.json" $NO_WRITE || status=5
+
+    echo "== memory: one optimiser step at several batch sizes ($(( SECONDS - start )) s so far)"
+    # shellcheck disable=SC2086
+    timeout "$MEM_LIMIT" "$PY" bench/memory.py --device "$DEVICE" --setup random --model_config "$MODEL" \
+        --tokenizer "$GPU_DIR/tokenizer" $MEM_ARGS --json "$OUT/memory_gpu.json" $NO_WRITE || { [ "$status" -eq 0 ] && status=6; }
+
+    if [ -f docs/benchmarks.md ]; then
+        cp docs/benchmarks.md "$OUT/benchmarks.md"
+    fi
+    echo "== done in $(( SECONDS - start )) s, status $status; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    return $status
+}
+
+main 2>&1 | tee "$OUT/log"
