@@ -102,6 +102,35 @@ def test_sum_across_processes_single_process():
     assert int(sum_across_processes(acc, 3)) == 3
 
 
+def _fake_trainer(*, step, grad_accum, spg, buffer, training=True):
+    """The attributes of TRL's GRPOTrainer that `token_mean_scale` reads; one process."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    return SimpleNamespace(
+        model=SimpleNamespace(training=training), accelerator=Accelerator(cpu=True),
+        current_gradient_accumulation_steps=grad_accum, args=SimpleNamespace(steps_per_generation=spg),
+        _step=step, _buffered_inputs=buffer,
+    )
+
+
+def test_token_mean_scale_counts_the_optimiser_step_from_the_rollout_buffer():
+    counts = [3, 5, 1, 7]  # valid tokens of the 4 buffered micro-batches of one rollout
+    buffer = [{"completion_mask": (torch.arange(8) < c).int()[None]} for c in counts]
+    # 2 micro-batches per optimiser step: steps {0, 1} (8 tokens) and {2, 3} (8 tokens)
+    for step, expect in [(0, 3 * 2 / 8), (1, 5 * 2 / 8), (2, 1 * 2 / 8), (3, 7 * 2 / 8), (5, 5 * 2 / 8)]:
+        trainer = _fake_trainer(step=step, grad_accum=2, spg=4, buffer=buffer)
+        assert token_mean_scale(trainer, buffer[step % 4]) == pytest.approx(expect)
+    # a step straddling two rollouts: TRL's estimate, the rollout's count shared evenly
+    trainer = _fake_trainer(step=0, grad_accum=2, spg=3, buffer=buffer[:3])
+    inputs = {**buffer[0], "num_items_in_batch": torch.tensor(9)}
+    assert token_mean_scale(trainer, inputs) == pytest.approx(3 * 2 / (9 * 2 / 3))
+    # nothing to do: evaluation, or one process without accumulation
+    assert token_mean_scale(_fake_trainer(step=0, grad_accum=2, spg=4, buffer=buffer, training=False), buffer[0]) == 1.0
+    assert token_mean_scale(_fake_trainer(step=0, grad_accum=1, spg=4, buffer=buffer), buffer[0]) == 1.0
+
+
 def _global_batch(seed: int, rows: int, T: int = 7):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, T + 1, (rows,), generator=g)  # uneven, some rows empty
