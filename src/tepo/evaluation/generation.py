@@ -104,20 +104,29 @@ class RowSeededSampler:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """scores: (B, V) next-token logits -> (B, V) with one finite entry per row."""
-        logits = scores.float() / self.temperature
+        probs = (scores.float() / self.temperature).softmax(dim=-1)  # (B, V)
         if self.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
-            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p
-            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-        cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, V); fp64 so the tail is not lost to rounding
+            probs = self._nucleus(probs)
+        cdf = probs.double().cumsum(dim=-1)  # (B, V); fp64 so the tail is not lost to rounding
         u = torch.tensor([torch.rand((), generator=g, dtype=torch.float64).item() for g in self.generators], dtype=torch.float64)
         u = (u.to(cdf.device) * cdf[:, -1])[:, None]  # (B, 1)
         # the first token whose cumulative mass exceeds u; a token of zero mass can never be it
         chosen = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, chosen, 0.0)
+
+    def _nucleus(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs (B, V) -> the same with the tokens outside the top-p nucleus zeroed (not renormalised).
+
+        A token is dropped when the more likely tokens before it already hold ``top_p`` of the mass;
+        the most likely token always stays. Sorting the whole vocabulary is slow on CPU, so the
+        largest 1024 are tried first; they decide exactly whenever they hold ``top_p`` of the mass."""
+        k = min(1024, probs.shape[-1])
+        top, order = probs.topk(k, dim=-1)  # descending
+        if k < probs.shape[-1] and not bool((top.sum(dim=-1) >= self.top_p).all()):
+            top, order = probs.sort(dim=-1, descending=True)
+        keep = (top.cumsum(dim=-1) - top) < self.top_p
+        return torch.zeros_like(probs).scatter_(1, order, top * keep)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

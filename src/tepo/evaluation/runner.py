@@ -241,7 +241,7 @@ def evaluate_problems(
         new_samples=sum(len(js) for _, js in todo) + len(greedy_todo),
         reused_samples=len(done & {(i, j) for i in ids for j in [*range(n), *([GREEDY] if greedy else [])]}),
         generate_s=timing["generate_s"], verify_s=timing["verify_s"],
-        verify_share=timing["verify_s"] / spent if spent > 0 else float("nan"),
+        verify_share=timing["verify_s"] / spent if spent > 0 else None,  # None: nothing new was generated
     )
     return result
 
@@ -354,7 +354,7 @@ def evaluate(
             max_new_tokens=max_new_tokens, seed=seed, samples_path=output_dir / "samples.jsonl", progress=progress,
         )
         results["macro"] = macro_average(results["benchmarks"])
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (output_dir / "results.md").write_text(results_markdown(results))
     return results
 
@@ -382,6 +382,8 @@ def greedy_accuracy(
     """
     import torch
 
+    if not problems:
+        raise ValueError("greedy_accuracy: no problems given")
     if isinstance(backend_or_model_and_tokenizer, tuple):
         model, tokenizer = backend_or_model_and_tokenizer
         dtype = None
@@ -404,7 +406,7 @@ def greedy_accuracy(
     correct = sum(v["correct"] for v in scored)
     num = len(problems)
     return {
-        "accuracy": correct / num if num else float("nan"),
+        "accuracy": correct / num,
         "correct": correct,
         "num_problems": num,
         "ids": [str(p["id"]) for p in problems],
@@ -412,7 +414,7 @@ def greedy_accuracy(
         "answers": [v["answer"] for v in scored],
         "no_answer": sum(v["answer"] is None for v in scored),
         "truncated": sum(s.truncated for s in samples),
-        "mean_completion_tokens": sum(s.num_tokens for s in samples) / num if num else float("nan"),
+        "mean_completion_tokens": sum(s.num_tokens for s in samples) / num,
         "generate_s": t1 - t0,
         "verify_s": t2 - t1,
     }
