@@ -96,7 +96,7 @@ main() {
         # 512 forced completion tokens, bf16, one optimiser step per rollout
         TS_ARGS="--steps 4 --num_prompts 16 --num_generations 8 --steps_per_generation 1 --max_completion_length 512 --prompt_tokens 128"
         MEM_ARGS="--batch_sizes 32,64,128 --num_generations 8 --prompt_tokens 128 --completion_tokens 512"
-        TS_LIMIT=300 MEM_LIMIT=170
+        TS_LIMIT=280 MEM_LIMIT=150
     fi
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 

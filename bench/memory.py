@@ -170,6 +170,7 @@ def measure_cuda(spec: dict, batch_size: int) -> dict:
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated()
         reserved = torch.cuda.max_memory_reserved()
+        trainer.accelerator.free_memory()  # the accelerator keeps references to the model and optimiser
         del trainer
     gc.collect()
     torch.cuda.empty_cache()
@@ -204,6 +205,19 @@ def largest_batch(points: list[dict], budget_gib: float, multiple: int) -> dict:
         n = int((budget_gib - a) / b) // multiple * multiple
         out.update(batch_size=n, how=f"extrapolated linearly beyond the largest measured batch ({max(xs)})")
     return out
+
+
+def rerun_args(argv: list[str]) -> str:
+    """The command-line arguments that change the measurement (not --json PATH / --no_write)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not (a.startswith("--json=") or a == "--no_write"):
+            out.append(a)
+    return " ".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,13 +264,27 @@ def main(argv=None) -> int:
     # rollout = batch x steps_per_generation must hold whole groups
     multiple = 2 if setup == "quickstart" else args.num_generations
 
-    points = []
+    points, out_of_memory = [], None
     for size in sizes:
         t0 = time.perf_counter()
-        point = measure_cuda(spec, size) if cuda else measure_in_child(spec, size)
+        try:
+            point = measure_cuda(spec, size) if cuda else measure_in_child(spec, size)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = size  # larger sizes would not fit either
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"[memory] batch {size}: out of memory", file=sys.stderr)
+            break
         points.append(point)
         print(f"[memory] batch {size}: peak {point['peak_gib']:.2f} GiB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if len(points) < 2:
+        print(f"[memory] fewer than two batch sizes measured (out of memory at {out_of_memory})", file=sys.stderr)
+        return 1
     fit = largest_batch(points, budget, multiple)
+    if out_of_memory is not None:
+        fit["out_of_memory_at"] = out_of_memory
+        if fit["batch_size"] is not None and fit["batch_size"] >= out_of_memory:
+            fit.update(batch_size=max(p["batch_size"] for p in points), how=f"measured (batch {out_of_memory} ran out of memory)")
     settings = points[0]["settings"]
     result = {"machine": machine(), "setup": setup, "device": args.device, "settings": settings, "points": points, "fit": fit}
     print(json.dumps(result, indent=2))
@@ -269,6 +297,8 @@ def main(argv=None) -> int:
         f"{pt['peak_gib'] - pt['before_step_gib']:.2f} | {pt['step_s']:.1f} |"
         for pt in points
     )
+    if out_of_memory is not None:
+        rows += f"\n| {out_of_memory} | {out_of_memory * settings['steps_per_generation']} | out of memory | | |"
     if setup == "quickstart":
         shape = (f"{settings['model']} at `{settings['recipe']}` (bf16 autocast, fp32 weights, AdamW), "
                  f"{settings['num_generations']} completions per prompt, {settings['steps_per_generation']} optimiser "
@@ -291,7 +321,7 @@ rollout (generation, rewards, old-policy log-probs) + forward/backward + AdamW s
 Fit: peak = {fit['intercept_gib']:.2f} GiB + {fit['gib_per_completion'] * 1024:.1f} MiB x completions per step
 (largest residual {fit['max_residual_gib']:.2f} GiB). **Largest batch within {budget:.1f} GiB: {best if best is not None else 'n/a'}
 completions per step** ({fit['how']}).
-Command: `python bench/memory.py {' '.join(sys.argv[1:] if argv is None else argv)}`
+Command: `python bench/memory.py {rerun_args(sys.argv[1:] if argv is None else argv)}`
 """
     print(md)
     if not args.no_write:
