@@ -211,7 +211,11 @@ def main(argv=None) -> int:
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
     p.add_argument("--no_write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
+    p.add_argument("--from_json", default=None, help="write the docs section from a saved --json result, run nothing")
     args = p.parse_args(argv)
+    if args.from_json:
+        publish(json.loads(Path(args.from_json).read_text()), write=not args.no_write)
+        return 0
     gpu = args.device == "cuda"
     # defaults: CPU = the quickstart batch shape, shortened; GPU = spec/MEASURED.md's stock-TRL GPU run
     defaults = dict(
@@ -259,47 +263,57 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
     results = {kind: summarize(steps, params, peak_flops) for kind, steps in measured.items()}
-    ratio = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
-    results["ratio_tepo_over_stock"] = ratio
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    results["ratio_tepo_over_stock"] = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "from_json")}
     results["model"], results["params"], results["machine"] = label, params, device_name
+    results["peak_tflops"] = peak
+    results["command"] = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if gpu:
-        results["peak_memory_gib_last"] = peak_mem
+        results["peak_memory_gib"] = peak_mem
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    publish(results, write=not args.no_write)
+    return 0
 
+
+def render(results: dict) -> str:
     def fmt(x, spec=".2f"):
         return "n/a" if x is None else format(x, spec)
 
+    s = argparse.Namespace(**results["settings"])
+    peak = results.get("peak_tflops")
     rows = "\n".join(
         f"| {kind} | {fmt(r['step_s_mean'])} | {fmt(r['step_s_median'])} | {fmt(r['generate_s_per_step'])} | "
         f"{fmt(r['generated_tok_per_s'], ',.0f')} | {fmt(r['update_s_per_step'])} | {fmt(r['update_tok_per_s'], ',.0f')} | "
         f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
         for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
     )
-    s = args
-    md = f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer
+    memory = f" Peak GPU memory (last trainer): {results['peak_memory_gib']:.1f} GiB." if results.get("peak_memory_gib") else ""
+    return f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer ({'GPU' if s.device == 'cuda' else 'CPU'})
 
-Machine: {device_name}. Model: {label}, {params / 1e6:.1f} M parameters.
+Machine: {results['machine']}. Model: {results['model']}, {results['params'] / 1e6:.1f} M parameters.
 Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step,
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
 {'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, no gradient checkpointing.
-{s.steps} measured steps per trainer per round x {s.repeats} round(s), after {warmup} warm-up step(s); trainers alternate.
+{s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
 | trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | update s/step | update tok/s | update MFU % |
 |---|---|---|---|---|---|---|---|
 {rows}
 
-**Step-time ratio tepo / stock: {ratio:.3f}** (target <= 1.05).
+**Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).
 Update phase = step time minus generation (old-policy log-probs, forward+backward, optimiser step); MFU
-counts 6 x params x update tokens against {fmt(peak, '.0f') + ' TFLOP/s' if peak else 'no known peak (CPU)'}.
-Command: `python bench/train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`
+counts 6 x params x update tokens against {fmt(peak, '.0f') + ' TFLOP/s bf16' if peak else 'no known peak (CPU)'}.
+Command: `{results.get('command', 'python bench/train_step.py')}`
 """
+
+
+def publish(results: dict, *, write: bool) -> None:
+    md = render(results)
     print(md)
-    if not args.no_write:
-        write_section("train_step_gpu" if gpu else "train_step_cpu", md)
-    return 0
+    if write:
+        write_section("train_step_gpu" if results["settings"]["device"] == "cuda" else "train_step_cpu", md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tepo.evaluation.generation import HFBackend, Sample, derive_seed
+from tepo.evaluation.generation import HFBackend, RowSeededSampler, Sample, derive_seed
 from tepo.evaluation.runner import (
     GREEDY,
     ConfigMismatchError,
@@ -258,6 +258,39 @@ def test_hf_sampling_is_seeded_per_prompt_not_per_batch(tiny):
     assert other != a
     s = a[0][0]
     assert s.num_tokens == 6 and s.truncated  # a random model does not stop by itself
+
+
+def test_row_seeded_sampler_draws_from_the_tempered_nucleus():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -50.0]])
+    probs = logits.softmax(-1)[0]  # 0.090, 0.245, 0.665, ~0
+
+    def draws(temperature, top_p, count=6000):
+        sampler = RowSeededSampler([torch.Generator().manual_seed(3)], temperature, top_p)
+        return Counter(int(sampler(None, logits).argmax()) for _ in range(count))
+
+    full = draws(1.0, 1.0)
+    assert 3 not in full
+    for token in range(3):
+        assert abs(full[token] / 6000 - float(probs[token])) < 0.025
+    nucleus = draws(1.0, 0.8)  # 0.665 < 0.8 keeps token 1; 0.665 + 0.245 >= 0.8 drops token 0
+    assert set(nucleus) == {1, 2}
+    assert abs(nucleus[2] / 6000 - 0.665 / 0.910) < 0.025
+    cold = draws(0.25, 1.0)  # temperature 1/4: token 2 takes e^4/(1 + e^4 + e^8) of the draws
+    assert abs(cold[2] / 6000 - math.exp(8) / (1 + math.exp(4) + math.exp(8))) < 0.01
+    out = RowSeededSampler([torch.Generator().manual_seed(0)], 1.0, 1.0)(None, logits)
+    assert torch.isfinite(out).sum() == 1 and out.max() == 0
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.01])  # peaked: the top-1024 shortcut decides; flat: the full sort
+def test_nucleus_matches_a_full_sort(scale):
+    torch.manual_seed(0)
+    probs = (torch.randn(4, 49152) * scale).softmax(-1)
+    got = RowSeededSampler([], 1.0, 0.9)._nucleus(probs)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < 0.9
+    expected = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got, expected)
 
 
 def test_hf_greedy_equals_sampling_with_a_tiny_nucleus(tiny):
