@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -159,7 +160,7 @@ def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
         output_dir=str(out_dir / kind), per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
         steps_per_generation=args.steps_per_generation, max_completion_length=args.max_completion_length,
         temperature=1.0, learning_rate=1e-6, lr_scheduler_type="constant", max_steps=args.total_steps,
-        bf16=True, use_cpu=args.device == "cpu", gradient_checkpointing=False, report_to=[], save_strategy="no",
+        bf16=True, use_cpu=args.device == "cpu", gradient_checkpointing=args.gradient_checkpointing, report_to=[], save_strategy="no",
         seed=0, disable_tqdm=True, logging_steps=1,
         generation_kwargs={"min_new_tokens": args.max_completion_length} if args.force_length else None,
     )
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_completion_length", type=int, default=None)
     p.add_argument("--prompt_tokens", type=int, default=None, help="plain-text prompts of this many tokens (default: chat prompts)")
     p.add_argument("--no_force_length", dest="force_length", action="store_false", help="let completions stop at EOS")
+    p.add_argument("--gradient_checkpointing", choices=("true", "false"), default=None,
+                   help="default: true on GPU (as TRL's default, and what fits an 80 GB card at this shape), false on CPU")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
     p.add_argument("--no_write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.gradient_checkpointing = (args.gradient_checkpointing or ("true" if gpu else "false")) == "true"
     rollout = args.num_prompts * args.num_generations
     if rollout % args.steps_per_generation:
         p.error("num_prompts x num_generations must be divisible by steps_per_generation")
@@ -247,6 +251,7 @@ def main(argv=None) -> int:
     peak_flops = peak * 1e12 if peak else None
 
     measured: dict[str, list[dict]] = {"stock": [], "tepo": []}
+    peak_mem: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
             for kind in ("stock", "tepo"):
@@ -257,8 +262,10 @@ def main(argv=None) -> int:
                 trainer.train()
                 print(f"[{kind} round {round_}] {args.total_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
                 measured[kind] += probe.steps[warmup:]
-                peak_mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-                del trainer, model
+                if gpu:
+                    peak_mem[kind] = max(peak_mem.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                del trainer, model, probe
+                gc.collect()  # trainers hold reference cycles; free the last one before the next starts
                 if gpu:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -268,8 +275,8 @@ def main(argv=None) -> int:
     results["model"], results["params"], results["machine"] = label, params, device_name
     results["peak_tflops"] = peak
     results["command"] = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if gpu:
-        results["peak_memory_gib"] = peak_mem
+    for kind, gib in peak_mem.items():
+        results[kind]["peak_memory_gib"] = gib
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -289,13 +296,16 @@ def render(results: dict) -> str:
         f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
         for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
     )
-    memory = f" Peak GPU memory (last trainer): {results['peak_memory_gib']:.1f} GiB." if results.get("peak_memory_gib") else ""
+    memory = ""
+    if results["stock"].get("peak_memory_gib"):
+        memory = (f" Peak GPU memory: stock {results['stock']['peak_memory_gib']:.1f} GiB, "
+                  f"tepo {results['tepo']['peak_memory_gib']:.1f} GiB.")
     return f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer ({'GPU' if s.device == 'cuda' else 'CPU'})
 
 Machine: {results['machine']}. Model: {results['model']}, {results['params'] / 1e6:.1f} M parameters.
 Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step,
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
-{'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, no gradient checkpointing.
+{'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'}.
 {s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
 | trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | update s/step | update tok/s | update MFU % |
@@ -304,7 +314,7 @@ Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s
 
 **Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).
 Update phase = step time minus generation (old-policy log-probs, forward+backward, optimiser step); MFU
-counts 6 x params x update tokens against {fmt(peak, '.0f') + ' TFLOP/s bf16' if peak else 'no known peak (CPU)'}.
+counts 6 x params x update tokens (not the recomputation of gradient checkpointing) against {fmt(peak, '.0f') + ' TFLOP/s bf16' if peak else 'no known peak (CPU)'}.
 Command: `{results.get('command', 'python bench/train_step.py')}`
 """
 

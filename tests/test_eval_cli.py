@@ -67,6 +67,13 @@ def test_missing_data_file_is_named(tmp_path, capsys, no_model_load):
     assert f"{empty}/gsm8k/test.jsonl not found" in err and f"{empty}/math500/test.jsonl not found" in err
 
 
+def test_all_benchmarks_are_checked_for_data_files(tmp_path, capsys, no_model_load):
+    assert eval_main(["--benchmarks", "all", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    for name in ("gsm8k", "math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench"):
+        assert f"{tmp_path}/{name}/test.jsonl not found" in err
+
+
 def test_a_k_list_that_is_not_numbers(tmp_path, capsys, no_model_load):
     with pytest.raises(SystemExit) as exit_info:
         eval_main(["--k", "1,four", "--output_dir", str(tmp_path / "o")])

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes results.json, results.md and samples.jsonl; rerunning into the same --output_dir resumes.",
     )
     p.add_argument("--model", default=None, help="model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
-    p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help=f"comma-separated benchmark names (default {DEFAULT_BENCHMARKS})")
+    p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help=f"comma-separated benchmark names, or 'all' (default {DEFAULT_BENCHMARKS})")
     p.add_argument("--n", type=int, default=4, help="samples per problem (0 with --greedy: greedy accuracy only)")
     p.add_argument("--k", type=_int_list, default=None, help="comma-separated k for pass@k and maj@k, each <= n (default: 1 and n)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
@@ -52,9 +52,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
     errors = []
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    known = list_benchmarks()
+    if names == ["all"]:
+        names = list(known)
     if not names:
         errors.append("--benchmarks: no benchmark named")
-    known = list_benchmarks()
     unknown = [b for b in names if b not in known]
     if unknown:
         errors.append(f"--benchmarks: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")

@@ -253,10 +253,11 @@ def vllm_available() -> bool:
 
 
 class VLLMBackend:
-    """vLLM on GPU. Untested on the CPU dev box (vLLM is not installed there).
+    """vLLM on GPU. Not exercised on the CPU dev box (vLLM is not installed there).
 
     Each prompt is one request with ``n`` samples and its own seed, so, as with ``HFBackend``,
-    what a prompt gets does not depend on what else is in the call.
+    what a prompt gets does not depend on what else is in the call. Prompts are rendered with the
+    same chat template and handed over as token ids, so both backends see identical prompts.
     """
 
     def __init__(self, path: str, *, dtype: str = "auto", batch_size: int = 1024, gpu_memory_utilization: float = 0.85):
@@ -265,6 +266,7 @@ class VLLMBackend:
         from vllm import LLM
 
         self.llm = LLM(model=path, dtype="bfloat16" if dtype == "auto" else dtype, gpu_memory_utilization=gpu_memory_utilization)
+        self.tokenizer = self.llm.get_tokenizer()
         self.batch_size = batch_size  # rows per call: vLLM schedules them itself
         self.name = f"vllm:{path}"
 
@@ -276,7 +278,11 @@ class VLLMBackend:
             SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=s)
             for s in _prompt_seeds(seed, len(messages_list))
         ]
-        outputs = self.llm.chat(list(messages_list), sampling_params=params, use_tqdm=False, add_generation_prompt=True)
+        prompts = []
+        for messages in messages_list:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompts.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         return [
             [Sample(text=c.text, num_tokens=len(c.token_ids), truncated=c.finish_reason == "length") for c in request.outputs]
             for request in outputs
