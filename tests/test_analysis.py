@@ -373,3 +373,18 @@ def test_registry_knows_the_compared_objectives():
     if not hasattr(objectives, "list_objectives"):
         pytest.skip("tepo.objectives.list_objectives not written yet")
     assert {"grpo", "dapo", "gspo", "tepo", "clip_cov", "kl_cov"} <= set(cmp.registered_objectives())
+
+
+def test_compare_snapshots_the_recipe_and_refuses_a_changed_one(tmp_path):
+    from tepo.analysis.cli import snapshot_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1.0e-5\n")
+    out = tmp_path / "cmp"
+    snap = snapshot_recipe(str(recipe), str(out))
+    assert snap == out / "recipe.yaml" and snap.read_text() == recipe.read_text()
+    recipe.write_text("learning_rate: 2.0e-5\n")  # edited while the comparison runs
+    with pytest.raises(ValueError, match="differs from the recipe this comparison started with"):
+        snapshot_recipe(str(recipe), str(out))
+    assert snap.read_text() == "learning_rate: 1.0e-5\n"
+    assert snapshot_recipe(str(recipe), str(out), allow_change=True).read_text() == "learning_rate: 2.0e-5\n"

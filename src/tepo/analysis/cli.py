@@ -60,6 +60,8 @@ def compare_main(argv: list[str]) -> int:
             raise ValueError(f"--config: no such file {args.config}")
         if args.data and not Path(args.data).exists():
             raise ValueError(f"--data: no such file {args.data}")
+        if args.config and not args.dry_run:
+            args.config = str(snapshot_recipe(args.config, args.output_dir, args.allow_setup_change))
         train_args: list[str] = []
         for name in ("config", "model", "task", "data", "max_steps"):
             value = getattr(args, name)
@@ -87,6 +89,26 @@ def compare_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 1 if any(r["status"] != "done" for r in state["runs"]) else 0
+
+
+def snapshot_recipe(config: str, output_dir: str, allow_change: bool = False) -> Path:
+    """Copy the recipe into OUTPUT_DIR/recipe.yaml once and train every run from that copy.
+
+    Runs go one at a time for hours: an edit of the original recipe in the meantime must not give
+    later runs another setup. A rerun whose recipe differs from the snapshot is refused (unless
+    --allow_setup_change, which takes the new recipe for the runs still to do).
+    """
+    snapshot = Path(output_dir) / "recipe.yaml"
+    text = Path(config).read_text()
+    if snapshot.is_file() and snapshot.read_text() != text and not allow_change:
+        raise ValueError(
+            f"--config {config} differs from the recipe this comparison started with ({snapshot}); "
+            "finished runs used the snapshot. Pass the snapshot as --config, or --allow_setup_change"
+        )
+    if not snapshot.is_file() or snapshot.read_text() != text:
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(text)
+    return snapshot
 
 
 def report_main(argv: list[str]) -> int:

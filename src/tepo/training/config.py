@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -120,6 +121,7 @@ class TEPOConfig(GRPOConfig):
         self._check_tepo_fields()
         super().__post_init__()
         self._check_batch_shape()
+        self._warn_accumulation()
         self._map_reference_model()
 
     # ---------------------------------------------------------------------------------------
@@ -188,6 +190,15 @@ class TEPOConfig(GRPOConfig):
             raise ValueError(f"heldout_max_new_tokens={self.heldout_max_new_tokens!r} must be a positive integer")
         if self.temperature is None or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (sampled rollouts)")
+
+    def _warn_accumulation(self) -> None:
+        if self.gradient_accumulation_steps > 1:
+            warnings.warn(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: the objective aggregates "
+                "(token-mean, seq-mean, ...) over each micro-batch, so an optimiser step's loss is the mean of "
+                "the micro-batch losses, not the aggregate over the whole step; use 1 for the exact loss",
+                stacklevel=3,
+            )
 
     def _check_batch_shape(self) -> None:
         # super().__post_init__ filled generation_batch_size / steps_per_generation; name the fields plainly.
