@@ -10,11 +10,13 @@ takes at most 5% of evaluation time. Heavy: run it under the CPU lock on the 2-c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 from _report import machine, write_section  # noqa: E402
 
 
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the offline SmolLM2-135M-Instruct")
     p.add_argument("--benchmark", default="gsm8k")
+    p.add_argument("--data_dir", default=os.environ.get("TEPO_DATA_DIR", str(REPO.parent / "shared" / "data")),
+                   help="folder holding <benchmark>/test.jsonl (default: $TEPO_DATA_DIR, else ../shared/data)")
     p.add_argument("--limit", type=int, default=16)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from tepo.tasks.benchmarks import load_benchmark
 
     model = resolve_model(args.model)
-    problems = load_benchmark(args.benchmark, limit=args.limit)
+    problems = load_benchmark(args.benchmark, data_dir=args.data_dir, limit=args.limit)
     rows = []
     for dtype in args.dtypes.split(","):
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:

@@ -275,7 +275,7 @@ def macro_average(per_benchmark: dict[str, dict]) -> dict[str, float]:
 
 
 def _is_estimate(name: str) -> bool:
-    return name == GREEDY or name.split("@")[0] in ("avg", "pass", "maj") and "@" in name
+    return name == GREEDY or ("@" in name and name.split("@")[0] in ("avg", "pass", "maj"))
 
 
 def results_markdown(results: dict) -> str:
@@ -301,7 +301,7 @@ def results_markdown(results: dict) -> str:
     cfg = results.get("config", {})
     note = (
         f"\n{cfg.get('model', '?')}: n={cfg.get('n')}, temperature {cfg.get('temperature')}, top-p {cfg.get('top_p')}, "
-        f"max {cfg.get('max_new_tokens')} new tokens, seed {cfg.get('seed')}. Percent; 95% bootstrap CI over problems in brackets.\n"
+        f"max {cfg.get('max_new_tokens')} new tokens, seed {cfg.get('seed')}. In percent; 95% bootstrap CI over problems in parentheses.\n"
     )
     return "\n".join(lines) + "\n" + note
 
