@@ -24,8 +24,8 @@ read from TRL's rollout buffer (`optimizer_step_window`). TRL's own "dapo" loss 
 global count divided evenly between its optimiser steps, which is exact only with one optimiser step
 per rollout; the buffer gives the exact count whenever an optimiser step does not straddle two
 rollouts (steps_per_generation a multiple of gradient_accumulation_steps), and that estimate is the
-fallback otherwise. Tensor-parallel ranks that see the same batch are counted in both W and N_step,
-so the factor stays right for them.
+fallback otherwise. Tensor-parallel ranks that see the same batch would be counted in both W and
+N_step, which cancels (reasoned, not tested: nothing here runs tensor parallelism).
 
 What stays per rank and per micro-batch (not made global here): Clip-Cov / KL-Cov's covariance
 means and their number of selected tokens k = max(1, int(cov_ratio * N_micro)); the TEPO KL mask
@@ -130,3 +130,15 @@ def token_mean_scale(trainer, inputs: Mapping[str, Any]) -> float:
         return 1.0
     local = loss_mask(inputs).sum()
     return token_mean_rescale(local, step_token_count(trainer, inputs), world, k)
+
+
+def shutdown_distributed() -> None:
+    """Close torch.distributed's default process group, if one is open (no-op otherwise).
+
+    Call it once when a multi-process run is over (e.g. in a `finally` of the command). Left open,
+    gloo processes sometimes abort at interpreter exit ("terminate called without an active
+    exception", exit code -6) although their work is done, and the launcher then reports a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
