@@ -80,3 +80,57 @@ def test_save_total_limit_rotates_final_checkpoints(tmp_path):
     run(out, max_steps=4, save_steps=1, save_total_limit=2)
     kept = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
     assert kept == ["checkpoint-3", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reaches_max_steps(tmp_path):
+    """A real SIGKILL of a running `tepo train` (not a reproduction of the files it leaves), then
+    the same command with `--resume_from_checkpoint true`: it reaches max_steps and metrics.jsonl
+    holds every step exactly once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from _tiny_llm import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "run"
+    max_steps = 8
+    cmd = [
+        sys.executable, "-m", "tepo.cli", "train", "--model", str(model), "--objective", "tepo",
+        "--task", "arithmetic", "--levels", "1", "--num_problems", "64", "--max_steps", str(max_steps),
+        "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_generations", "4",
+        "--steps_per_generation", "2", "--max_completion_length", "8", "--heldout_num_problems", "4",
+        "--bf16", "false", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "1",
+        "--save_total_limit", "2", "--learning_rate", "1e-3",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    try:
+        # Kill it mid-run: once step 3 is logged, whatever it is doing then (training or saving).
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished or failed before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    killed_at = len(read_metrics(metrics))
+    assert 3 <= killed_at < max_steps
+
+    second = subprocess.run(cmd + ["--resume_from_checkpoint", "true"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(metrics)]
+    assert steps == list(range(1, max_steps + 1)), f"duplicated or missing steps: {steps}"
+    assert last_complete_checkpoint(out) == str(out / f"checkpoint-{max_steps}")
+    assert (Path(out) / "eval_after.json").exists()

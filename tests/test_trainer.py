@@ -159,7 +159,7 @@ def index_reward(completions, answer, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_dynamic_sampling(tmp_path, dynamic):
-    tr = make_trainer(tmp_path, reward=index_reward, dynamic_sampling=dynamic, max_resample_rounds=4,
+    tr = make_trainer(tmp_path, reward=index_reward, dynamic_sampling=dynamic, max_resample_rounds=4, bf16=True,
                       per_device_train_batch_size=8, steps_per_generation=2, max_steps=4)
     seen = []
     real = tr._compute_loss
@@ -173,6 +173,10 @@ def test_dynamic_sampling(tmp_path, dynamic):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["zero_var_frac"] is not None for r in rows)
+    # the first step of each rollout is on-policy: pi_old is exactly pi_theta on the tensors trained on
+    # (with dynamic sampling too, whose spliced batch changes the padding the rollout was scored with)
+    for r in rows[::2]:
+        assert r["ratio_min"] == r["ratio_max"] == 1.0, r
     if dynamic:
         assert all("dynamic_sampling/kept_frac" in r for r in rows)
         for r in rows:  # refills only add groups that vary

@@ -189,7 +189,17 @@ def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, floa
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from tepo.training.distributed import shutdown_distributed
+
+    try:
+        return _train(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        # Under `accelerate launch`, gloo processes left with an open process group sometimes
+        # abort at exit after finishing their work; closing it makes the exit clean.
+        shutdown_distributed()
+
+
+def _train(argv: list[str]) -> int:
     started = time.perf_counter()
     try:
         script, config = parse(argv)

@@ -15,10 +15,11 @@ What is overridden, and why (everything else is TRL's):
 - `_save_checkpoint`: writes each checkpoint under a staging folder and renames it into place, so
   a crash never leaves a half-written `checkpoint-N` that `resume_from_checkpoint=True` would pick.
 
-Aggregation scope: `policy_loss` aggregates over the micro-batch it is given. With
-`gradient_accumulation_steps = k > 1` the optimiser step's loss is the mean of k micro-batch
-losses, which is not the global token-mean (or seq-mean) over all k micro-batches when they hold
-different numbers of tokens. With k = 1 (every recipe here) each optimiser step's loss is exact.
+Aggregation scope: `policy_loss` aggregates over the micro-batch it is given. For token-mean
+objectives (dapo, tepo, clip_cov, kl_cov) `_compute_loss` multiplies that loss by
+`tepo.training.distributed.token_mean_scale`, so that with several processes or accumulated
+micro-batches the optimiser step's gradient is the token-mean over all of the step's tokens, as on
+one process with the whole batch (seq-mean objectives are exact already; see that module).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import torch
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from tepo.objectives import policy_loss
 from tepo.training import sampling
+from tepo.training.distributed import token_mean_scale
 from tepo.training.callbacks import (
     CompactProgressCallback,
     HeldoutEvalCallback,
@@ -81,6 +84,7 @@ class TEPOTrainer(GRPOTrainer):
         # _compute_loss we replace, and this flag must not suggest otherwise.
         self._entropy_bonus_enabled = False
         self._loss_hparams = args.objective_hparams()
+        self._token_mean = args.resolved_hparams()["agg"] == "token-mean"
         self._cov_generator = torch.Generator().manual_seed(int(args.seed))  # clip_cov's random token choice
         self._refill_generator = torch.Generator().manual_seed(int(args.seed) + 1)
         self._refill_order: list[int] = []
@@ -235,12 +239,30 @@ class TEPOTrainer(GRPOTrainer):
             )
         merged = sampling.trim_prompt_padding(sampling.concat_batches(parts, pad_token_id=self._pad_id()))
         merged["num_items_in_batch"] = merged["completion_mask"].sum()
+        if "old_per_token_logps" in merged:
+            # Splicing changed the padding each row was scored with; in bf16 that alone moves a
+            # log-prob by ~1e-4, more than TEPO's 3e-4 clip on a sequence mean. Score pi_old again on
+            # exactly the tensors (and micro-batch size) the optimiser steps will see.
+            merged["old_per_token_logps"], merged["old_entropy"] = self._score_old_policy(
+                merged, chunk=merged["advantages"].numel() // spg
+            )
         stats = {
             "dynamic_sampling/rounds": float(rounds),
             "dynamic_sampling/kept_frac": have / num_groups,
             "dynamic_sampling/short": float(short),
         }
         return merged, stats
+
+    def _score_old_policy(self, batch: dict, *, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pi_old's per-token log-probs and entropies (B, T) of a rollout batch, in chunks of `chunk` rows."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, batch["completion_ids"].size(1),
+                batch_size=max(1, chunk), compute_entropy=True,
+            )
+        return logps, entropies
 
     def _pad_id(self) -> int:
         pad = self._tokenizer.pad_token_id
@@ -285,6 +307,8 @@ class TEPOTrainer(GRPOTrainer):
             self._metrics[mode]["loss"].append(loss.item())
             for name, value in self._rollout_metrics.items():
                 self._metrics[mode][name].append(value)
+            if self._token_mean:  # exact token-mean over the whole optimiser step (collective: every rank calls it)
+                loss = loss * token_mean_scale(self, inputs)
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
         self._log_loss_metrics(mode, out.metrics)
         return loss
