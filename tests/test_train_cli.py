@@ -92,3 +92,36 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert train_main(argv + ["--resume_from_checkpoint", "true"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert json.loads((out / "eval_before.json").read_text()) == before
+
+
+@pytest.mark.slow
+def test_final_heldout_point_is_the_after_evaluation(tmp_path, monkeypatch):
+    """With in-training evaluation at the last step, eval_after.json is that evaluation (the same
+    weights are not decoded twice, in different batches that could flip bf16 greedy answers), and
+    every held-out evaluation uses --heldout_batch_size."""
+    import tepo.evaluation.runner as runner
+
+    calls = []
+    real = runner.greedy_accuracy
+
+    def recording(model_and_tok, problems, **kwargs):
+        calls.append(kwargs["batch_size"])
+        return real(model_and_tok, problems, **kwargs)
+
+    monkeypatch.setattr(runner, "greedy_accuracy", recording)
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "run"
+    argv = [
+        "--model", str(model), "--objective", "grpo", "--task", "arithmetic", "--levels", "1",
+        "--num_problems", "32", "--max_steps", "2", "--output_dir", str(out),
+        "--per_device_train_batch_size", "8", "--num_generations", "4", "--steps_per_generation", "2",
+        "--max_completion_length", "8", "--heldout_num_problems", "5", "--heldout_batch_size", "3",
+        "--heldout_eval_steps", "1", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
+        "--learning_rate", "1e-3",
+    ]
+    assert train_main(argv) == 0
+    assert calls == [3, 3, 3], "before, step 1, step 2 (= after): three evaluations, all at --heldout_batch_size"
+    rows = read_metrics(out / "metrics.jsonl")
+    after = json.loads((out / "eval_after.json").read_text())
+    assert after["step"] == 2 and after["num_problems"] == 5
+    assert rows[-1]["heldout_accuracy"] == after["accuracy"]
