@@ -56,6 +56,18 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_train_argv(model: Path, out: Path, **options) -> list[str]:
+    """`tepo train` arguments for a few seconds of training of the tiny model on arithmetic;
+    `options` (name=value) replace or add options."""
+    settings = {
+        "model": model, "objective": "tepo", "task": "arithmetic", "levels": "1", "num_problems": 32,
+        "max_steps": 2, "output_dir": out, "per_device_train_batch_size": 8, "num_generations": 4,
+        "steps_per_generation": 2, "max_completion_length": 8, "heldout_num_problems": 4, "bf16": "false",
+        "report_to": "none", "learning_rate": "1e-3", **options,
+    }
+    return [arg for name, value in settings.items() for arg in (f"--{name}", str(value))]
+
+
 def prompt_dataset(n: int = 16) -> Dataset:
     """Chat prompts with an `answer` column; `parity_reward` below gives them reward variance."""
     rows = [

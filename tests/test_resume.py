@@ -93,19 +93,13 @@ def test_kill_9_then_resume_reaches_max_steps(tmp_path):
     import time
     from pathlib import Path
 
-    from _tiny_llm import save_tiny
+    from _tiny_llm import save_tiny, tiny_train_argv
 
     model = save_tiny(tmp_path / "tiny")
     out = tmp_path / "run"
     max_steps = 8
-    cmd = [
-        sys.executable, "-m", "tepo.cli", "train", "--model", str(model), "--objective", "tepo",
-        "--task", "arithmetic", "--levels", "1", "--num_problems", "64", "--max_steps", str(max_steps),
-        "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_generations", "4",
-        "--steps_per_generation", "2", "--max_completion_length", "8", "--heldout_num_problems", "4",
-        "--bf16", "false", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "1",
-        "--save_total_limit", "2", "--learning_rate", "1e-3",
-    ]
+    cmd = [sys.executable, "-m", "tepo.cli", "train", *tiny_train_argv(
+        model, out, num_problems=64, max_steps=max_steps, save_strategy="steps", save_steps=1, save_total_limit=2)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -10,7 +10,7 @@ import pytest
 from tepo.training.cli import parse, train_main
 from tepo.training.callbacks import METRIC_KEYS, read_metrics
 
-from _tiny_llm import save_tiny
+from _tiny_llm import save_tiny, tiny_train_argv
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -68,14 +68,7 @@ def test_command_line_overrides_the_recipe(tmp_path):
 def test_train_end_to_end_on_a_tiny_model(tmp_path, capsys):
     model = save_tiny(tmp_path / "tiny")
     out = tmp_path / "run"
-    argv = [
-        "--model", str(model), "--objective", "tepo", "--task", "arithmetic", "--levels", "1",
-        "--num_problems", "32", "--max_steps", "2", "--output_dir", str(out),
-        "--per_device_train_batch_size", "8", "--num_generations", "4", "--steps_per_generation", "2",
-        "--max_completion_length", "8", "--heldout_num_problems", "4", "--bf16", "false",
-        "--report_to", "none", "--save_strategy", "steps", "--save_steps", "2", "--gradient_checkpointing", "false",
-        "--learning_rate", "1e-3",
-    ]
+    argv = tiny_train_argv(model, out, save_strategy="steps", save_steps=2, gradient_checkpointing="false")
     assert train_main(argv) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "sampled reward" in printed
@@ -111,14 +104,8 @@ def test_final_heldout_point_is_the_after_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "greedy_accuracy", recording)
     model = save_tiny(tmp_path / "tiny")
     out = tmp_path / "run"
-    argv = [
-        "--model", str(model), "--objective", "grpo", "--task", "arithmetic", "--levels", "1",
-        "--num_problems", "32", "--max_steps", "2", "--output_dir", str(out),
-        "--per_device_train_batch_size", "8", "--num_generations", "4", "--steps_per_generation", "2",
-        "--max_completion_length", "8", "--heldout_num_problems", "5", "--heldout_batch_size", "3",
-        "--heldout_eval_steps", "1", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
-        "--learning_rate", "1e-3",
-    ]
+    argv = tiny_train_argv(model, out, objective="grpo", heldout_num_problems=5, heldout_batch_size=3,
+                           heldout_eval_steps=1, save_strategy="no")
     assert train_main(argv) == 0
     assert calls == [3, 3, 3], "before, step 1, step 2 (= after): three evaluations, all at --heldout_batch_size"
     rows = read_metrics(out / "metrics.jsonl")
