@@ -4,8 +4,8 @@
 #   2. versions and the card
 #   3. bench/train_step.py: TEPOTrainer (tepo) vs stock TRL GRPOTrainer, same call, same model:
 #      step time, generated tokens/s, update-phase tokens/s and MFU (vs 989 TFLOP/s bf16 dense)
-#   4. bench/memory.py: peak torch.cuda memory of one step at 32/64/128 completions, and the
-#      largest batch that fits the card (linear extrapolation, said so in its output)
+#   4. bench/memory.py: peak torch.cuda memory of one step at 16/32/64 completions per
+#      micro-batch, and the largest that fits the card (measured, or a linear extrapolation said so)
 # Results: $OUT/log (everything printed), $OUT/train_step.json, $OUT/memory_gpu.json and
 # $OUT/benchmarks.md (docs/benchmarks.md with the two GPU sections written by the scripts).
 #
@@ -82,7 +82,7 @@ main() {
         echo "== GPU_BENCH_TINY=1: dry run on $(uname -m) CPU, shrunk sizes, docs/ untouched"
         export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
         DEVICE=cpu MODEL=$GPU_DIR/tiny-smolvocab NO_WRITE=--no_write
-        TS_ARGS="--steps 1 --num_prompts 2 --num_generations 2 --steps_per_generation 1 --max_completion_length 8 --prompt_tokens 16"
+        TS_ARGS="--steps 1 --num_prompts 2 --num_generations 2 --steps_per_generation 1 --micro_batch 2 --gradient_checkpointing false --max_completion_length 8 --prompt_tokens 16"
         MEM_ARGS="--batch_sizes 2,4 --num_generations 2 --prompt_tokens 16 --completion_tokens 8"
         TS_LIMIT=600 MEM_LIMIT=600
     else
@@ -93,10 +93,15 @@ main() {
         export PYTHONPATH=/tmp/site:$ROOT/src
         DEVICE=cuda MODEL=$GPU_DIR/qwen2.5-0.5b-smolvocab NO_WRITE=
         # spec/MEASURED.md's stock-TRL GPU run: 16 prompts x 8 completions, 128-token prompts,
-        # 512 forced completion tokens, bf16, one optimiser step per rollout
-        TS_ARGS="--steps 4 --num_prompts 16 --num_generations 8 --steps_per_generation 1 --max_completion_length 512 --prompt_tokens 128"
-        MEM_ARGS="--batch_sizes 32,64,128 --num_generations 8 --prompt_tokens 128 --completion_tokens 512"
-        TS_LIMIT=280 MEM_LIMIT=150
+        # 512 forced completion tokens, bf16, one optimiser step per rollout; the step's 128
+        # completions go through forward/backward as 4 micro-batches of 32 without gradient
+        # checkpointing (39.7 GiB peak; the update took as long as with recomputation, docs/benchmarks.md)
+        TS_ARGS="--steps 3 --num_prompts 16 --num_generations 8 --steps_per_generation 1 --micro_batch 32 --gradient_checkpointing false --max_completion_length 512 --prompt_tokens 128"
+        # memory: one micro-batch of 16/32/64 completions without gradient checkpointing (128 would
+        # need ~134 GiB by the fit of the 2026-11-27 H100 run)
+        MEM_ARGS="--batch_sizes 16,32,64 --num_generations 8 --prompt_tokens 128 --completion_tokens 512"
+        # measured on an H100 (2026-11-27): train_step 3+1 steps per trainer ~175 s, memory ~170 s
+        TS_LIMIT=260 MEM_LIMIT=210
     fi
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 

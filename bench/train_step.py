@@ -9,8 +9,8 @@ generation settings, in one process. Writes the `train_step` section of docs/ben
 
 Per trainer it reports the mean optimiser-step time, the generation time and generated tokens/s
 (TRL's `_generate`, forced to full length so both trainers generate the same number of tokens),
-the update phase (the rest of the step: old/ref log-prob passes, forward+backward, optimiser)
-with its tokens/s, and the update-phase MFU = 6 * params * update tokens / time / peak bf16 FLOP/s
+the scoring time (the rest of the rollout: rewards, old-policy log-probs), the update phase (the
+rest of the step: forward+backward of each micro-batch, optimiser) with its tokens/s, and the update-phase MFU = 6 * params * update tokens / time / peak bf16 FLOP/s
 (989 TFLOP/s for an H100 / H200 SXM; pass --peak_tflops for another card). The first rollout
 block (steps_per_generation steps) of each trainer is warm-up and not counted. The trainers run
 alternately (stock, tepo, stock, tepo ... for --repeats rounds) so a slow patch of a shared
@@ -157,8 +157,10 @@ def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
     from tepo.training import TEPOConfig, TEPOTrainer
 
     common = dict(
-        output_dir=str(out_dir / kind), per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
-        steps_per_generation=args.steps_per_generation, max_completion_length=args.max_completion_length,
+        output_dir=str(out_dir / kind), per_device_train_batch_size=args.micro_batch, num_generations=args.num_generations,
+        # TRL counts steps_per_generation in micro-batches: one rollout = micro_batch x that many
+        gradient_accumulation_steps=args.grad_accum, steps_per_generation=args.steps_per_generation * args.grad_accum,
+        max_completion_length=args.max_completion_length,
         temperature=1.0, learning_rate=1e-6, lr_scheduler_type="constant", max_steps=args.total_steps,
         bf16=True, use_cpu=args.device == "cpu", gradient_checkpointing=args.gradient_checkpointing, report_to=[], save_strategy="no",
         seed=0, disable_tqdm=True, logging_steps=1,
@@ -180,7 +182,9 @@ def summarize(steps: list[dict], params: int, peak_flops: float | None) -> dict:
     step_s = [s["step_s"] for s in steps]
     gen_s = sum(s.get("generate_s", 0.0) for s in steps)
     gen_tokens = sum(s.get("generated_tokens", 0) for s in steps)
-    update_s = sum(s["step_s"] - s.get("generate_s", 0.0) for s in steps)
+    # rollout = generation + reward scoring (+ old-policy log-probs when a rollout serves several steps)
+    rollout_s = sum(s.get("rollout_s", 0.0) for s in steps)
+    update_s = sum(s["step_s"] - s.get("rollout_s", 0.0) for s in steps)
     update_tokens = sum(s.get("update_tokens", 0) for s in steps)
     out = {
         "steps": len(steps),
@@ -188,6 +192,7 @@ def summarize(steps: list[dict], params: int, peak_flops: float | None) -> dict:
         "step_s_median": statistics.median(step_s),
         "generate_s_per_step": gen_s / len(steps),
         "generated_tok_per_s": gen_tokens / gen_s if gen_s else float("nan"),
+        "score_s_per_step": (rollout_s - gen_s) / len(steps),
         "update_s_per_step": update_s / len(steps),
         "update_tok_per_s": update_tokens / update_s if update_s else float("nan"),
     }
@@ -208,6 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps_per_generation", type=int, default=None)
     p.add_argument("--max_completion_length", type=int, default=None)
     p.add_argument("--prompt_tokens", type=int, default=None, help="plain-text prompts of this many tokens (default: chat prompts)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help="completions per forward/backward (per_device_train_batch_size); the optimiser step accumulates "
+                        "gradients over batch / micro_batch of them (default: the whole optimiser batch at once)")
     p.add_argument("--no_force_length", dest="force_length", action="store_false", help="let completions stop at EOS")
     p.add_argument("--gradient_checkpointing", choices=("true", "false"), default=None,
                    help="default: true on GPU (as TRL's default, and what fits an 80 GB card at this shape), false on CPU")
@@ -234,6 +242,10 @@ def main(argv=None) -> int:
     if rollout % args.steps_per_generation:
         p.error("num_prompts x num_generations must be divisible by steps_per_generation")
     args.batch_size = rollout // args.steps_per_generation
+    args.micro_batch = args.micro_batch or args.batch_size
+    if args.batch_size % args.micro_batch:
+        p.error(f"--micro_batch {args.micro_batch} must divide the {args.batch_size} completions of an optimiser step")
+    args.grad_accum = args.batch_size // args.micro_batch
     warmup = args.steps_per_generation
     args.total_steps = warmup + args.steps
 
@@ -292,7 +304,7 @@ def render(results: dict) -> str:
     peak = results.get("peak_tflops")
     rows = "\n".join(
         f"| {kind} | {fmt(r['step_s_mean'])} | {fmt(r['step_s_median'])} | {fmt(r['generate_s_per_step'])} | "
-        f"{fmt(r['generated_tok_per_s'], ',.0f')} | {fmt(r['update_s_per_step'])} | {fmt(r['update_tok_per_s'], ',.0f')} | "
+        f"{fmt(r['generated_tok_per_s'], ',.0f')} | {fmt(r.get('score_s_per_step'))} | {fmt(r['update_s_per_step'])} | {fmt(r['update_tok_per_s'], ',.0f')} | "
         f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
         for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
     )
@@ -303,18 +315,21 @@ def render(results: dict) -> str:
     return f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer ({'GPU' if s.device == 'cuda' else 'CPU'})
 
 Machine: {results['machine']}. Model: {results['model']}, {results['params'] / 1e6:.1f} M parameters.
-Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step,
+Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step
+(micro-batches of {getattr(s, 'micro_batch', s.batch_size)}, gradients accumulated over {getattr(s, 'grad_accum', 1)}),
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
 {'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'}.
 {s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
-| trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | update s/step | update tok/s | update MFU % |
-|---|---|---|---|---|---|---|---|
+| trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | scoring s/step | update s/step | update tok/s | update MFU % |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
 **Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).
-Update phase = step time minus generation (old-policy log-probs, forward+backward, optimiser step); MFU
-counts 6 x params x update tokens (not the recomputation of gradient checkpointing) against {fmt(peak, '.0f') + ' TFLOP/s bf16' if peak else 'no known peak (CPU)'}.
+Scoring = the rest of the rollout after generation (rewards; old-policy log-probs when a rollout serves
+several optimiser steps). Update phase = step time minus the rollout: forward+backward of every micro-batch and
+the optimiser step. MFU counts 6 x params x update tokens (prompt + completion; not the recomputation of gradient
+checkpointing) against {fmt(peak, '.0f') + ' TFLOP/s bf16' if peak else 'no known peak (CPU)'}.
 Command: `{results.get('command', 'python bench/train_step.py')}`
 """
 

@@ -73,6 +73,21 @@ def test_config_maps_beta_kl_to_trl_reference_model(tmp_path):
     assert cfg.beta == 0.05 and cfg.resolved_hparams()["beta_kl"] == 0.05
 
 
+@pytest.mark.parametrize("objective, warns", [("tepo", False), ("grpo", False), ("kl_cov", True), ("clip_cov", True)])
+def test_config_warns_about_accumulation_only_where_it_changes_the_objective(tmp_path, objective, warns):
+    # Token means are rescaled to the whole step and sequence means are exact over equal micro-batches;
+    # the covariance objectives pick their tokens within each micro-batch.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TEPOConfig(output_dir=str(tmp_path), **{**BASE, "objective": objective, "gradient_accumulation_steps": 2})
+    messages = [str(w.message) for w in caught if "gradient_accumulation_steps=2" in str(w.message)]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert f"{objective} selects its tokens by covariance within each micro-batch" in messages[0]
+
+
 def test_config_hparams_default_to_objective_defaults(tmp_path):
     cfg = TEPOConfig(output_dir=str(tmp_path), objective="dapo", clip_high=0.3, **BASE)
     hp = cfg.resolved_hparams()

@@ -192,11 +192,14 @@ class TEPOConfig(GRPOConfig):
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (sampled rollouts)")
 
     def _warn_accumulation(self) -> None:
-        if self.gradient_accumulation_steps > 1:
+        # Token-mean objectives are rescaled to the whole step's token count (trainer: token_mean_scale)
+        # and sequence means are exact over micro-batches of equal size; only the covariance
+        # objectives choose their tokens within each micro-batch.
+        if self.gradient_accumulation_steps > 1 and self.objective in ("clip_cov", "kl_cov"):
             warnings.warn(
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: the objective aggregates "
-                "(token-mean, seq-mean, ...) over each micro-batch, so an optimiser step's loss is the mean of "
-                "the micro-batch losses, not the aggregate over the whole step; use 1 for the exact loss",
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: {self.objective} selects its "
+                f"tokens by covariance within each micro-batch of {self.per_device_train_batch_size} completions, "
+                "not over the whole optimiser step; use 1 to select over the step",
                 stacklevel=3,
             )
 
