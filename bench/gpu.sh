@@ -16,6 +16,8 @@
 # (made here by bench/gpu.sh's `prepare` step; git-ignored, carried to the device).
 #
 # Lead's call (device tool):  run(command="bash bench/gpu.sh", carry=[".whl", ".gpu"], timeout_s=600)
+# PROFILE=1 bash bench/gpu.sh: also one profiled update phase per trainer (torch.profiler top ops in
+# $OUT/profile/; one extra step each, about 40 s more, not in the timings)
 # Dry run on a CPU with everything shrunk (no wheels installed, nothing written to docs/):
 #   GPU_BENCH_TINY=1 PY=.venv/bin/python bash bench/gpu.sh
 # Make .gpu/ (once, on the dev box):  PY=.venv/bin/python bash bench/gpu.sh prepare
@@ -125,7 +127,7 @@ EOF
     echo "== train_step: tepo vs stock GRPOTrainer ($(( SECONDS - start )) s so far)"
     # shellcheck disable=SC2086
     timeout "$TS_LIMIT" "$PY" bench/train_step.py --device "$DEVICE" --model_config "$MODEL" \
-        --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS --json "$OUT/train_step.json" $NO_WRITE || status=5
+        --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS ${PROFILE:+--profile "$OUT/profile"} --json "$OUT/train_step.json" $NO_WRITE || status=5
 
     echo "== memory: one optimiser step at several batch sizes ($(( SECONDS - start )) s so far)"
     # shellcheck disable=SC2086

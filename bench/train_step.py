@@ -98,11 +98,12 @@ def build_dataset(tokenizer, num_prompts: int, prompt_tokens: int | None):
 class Probe:
     """Wraps one trainer's methods to time steps, generation and update, and count tokens."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, profile_step: int | None = None, profile_file: Path | None = None):
         from transformers import TrainerCallback
 
         self.steps: list[dict] = []
         self._cur: dict = {}
+        self._profiler = None
         probe = self
 
         gen, generate, loss = trainer._generate_and_score_completions, trainer._generate, trainer._compute_loss
@@ -111,6 +112,8 @@ class Probe:
             t0 = time.perf_counter()
             out = gen(inputs)
             probe._cur["rollout_s"] = probe._cur.get("rollout_s", 0.0) + time.perf_counter() - t0
+            if probe._cur.get("profile") and probe._profiler is None:
+                probe._start_profiler()  # the update phase only: generation would swamp the table
             return out
 
         def timed_generate(prompts):
@@ -133,10 +136,12 @@ class Probe:
         class Clock(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
                 probe._sync()
-                probe._cur = {"t0": time.perf_counter()}
+                probe._cur = {"t0": time.perf_counter(), "profile": state.global_step + 1 == profile_step}
 
             def on_step_end(self, args, state, control, **kw):
                 probe._sync()
+                if probe._profiler is not None:
+                    probe._stop_profiler(profile_file)
                 cur = probe._cur
                 cur["step_s"] = time.perf_counter() - cur.pop("t0")
                 cur["step"] = state.global_step
@@ -148,6 +153,22 @@ class Probe:
     def _sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    def _start_profiler(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._profiler = profile(activities=activities)
+        self._profiler.__enter__()
+
+    def _stop_profiler(self, path: Path | None):
+        self._profiler.__exit__(None, None, None)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=sort, row_limit=40)
+        self._profiler = None
+        if path is not None:
+            path.write_text(table)
+        print(table, file=sys.stderr)
 
 
 def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
@@ -220,6 +241,10 @@ def main(argv=None) -> int:
     p.add_argument("--gradient_checkpointing", choices=("true", "false"), default=None,
                    help="default: true on GPU (as TRL's default, and what fits an 80 GB card at this shape), false on CPU")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run one more optimiser step per trainer after the measured ones, profile its update phase "
+                        "(torch.profiler, rollout excluded) and write the top ops by self time to DIR/<trainer>_update_ops.txt; "
+                        "that step is not in the timings")
     p.add_argument("--no_write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     p.add_argument("--from_json", default=None, help="write the docs section from a saved --json result, run nothing")
@@ -247,7 +272,10 @@ def main(argv=None) -> int:
         p.error(f"--micro_batch {args.micro_batch} must divide the {args.batch_size} completions of an optimiser step")
     args.grad_accum = args.batch_size // args.micro_batch
     warmup = args.steps_per_generation
-    args.total_steps = warmup + args.steps
+    args.total_steps = warmup + args.steps + (1 if args.profile else 0)
+    profile_dir = Path(args.profile) if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
 
     import tempfile
 
@@ -269,11 +297,12 @@ def main(argv=None) -> int:
             for kind in ("stock", "tepo"):
                 model = copy.deepcopy(base)
                 trainer = make_trainer(kind, model, tokenizer, dataset, args, Path(tmp) / f"r{round_}")
-                probe = Probe(trainer)
+                probe = Probe(trainer, profile_step=args.total_steps if profile_dir else None,
+                              profile_file=profile_dir / f"{kind}_update_ops.txt" if profile_dir else None)
                 t0 = time.perf_counter()
                 trainer.train()
                 print(f"[{kind} round {round_}] {args.total_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-                measured[kind] += probe.steps[warmup:]
+                measured[kind] += probe.steps[warmup:warmup + args.steps]  # not the profiled step
                 if gpu:
                     peak_mem[kind] = max(peak_mem.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
                 del trainer, model, probe
