@@ -175,6 +175,38 @@ def test_steps_to_target_heldout(tmp_path):
     assert all(info["reached"] == 0 for info in fixed["per_objective"].values())
 
 
+def test_unfinished_run_is_left_out_of_final_results(tmp_path):
+    # A run still training (as `tepo compare` leaves it while it runs): its last held-out point is
+    # not its final accuracy, so it must not enter the accuracy or steps-to-target tables.
+    root = make_fake_comparison(tmp_path, with_results=False)
+    run = root / "runs" / "grpo-s1"
+    for name in ("eval_after.json", "DONE"):
+        (run / name).unlink()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][:EVAL_EVERY]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    state = json.loads((root / "compare.json").read_text())
+    for record in state["runs"]:
+        if record["name"] == "grpo-s1":
+            record["status"] = "running"
+    (root / "compare.json").write_text(json.dumps(state))
+
+    comp = cmp.load_comparison(root)
+    assert [r.name for r in comp.runs if r.unfinished] == ["grpo-s1"]
+    table = {row["objective"]: row for row in cmp.accuracy_table(comp)}
+    assert table["grpo"]["seeds"] == [0] and table["grpo"]["per_seed"] == {0: pytest.approx(fake_accuracy("grpo", 0, STEPS))}
+    assert table["tepo"]["seeds"] == [0, 1]
+    target = cmp.steps_to_target(comp)["per_objective"]["grpo"]
+    assert target["runs"] == 1 and list(target["per_seed"]) == [0]
+    from tepo.analysis.report import _setup_lines
+
+    assert any("left out of the accuracy and steps-to-target tables: grpo-s1 (running" in line for line in _setup_lines(comp))
+    # the same folder with the run marked done again counts it (the filter is the status)
+    for record in state["runs"]:
+        record["status"] = "done"
+    (root / "compare.json").write_text(json.dumps(state))
+    assert cmp.accuracy_table(cmp.load_comparison(root))[0]["seeds"] == [0, 1]
+
+
 def test_no_default_target_when_nothing_improved(tmp_path):
     root = make_fake_comparison(tmp_path, with_results=False)
     for run in root.glob("runs/*"):  # every accuracy, before and during training, at 0

@@ -35,6 +35,8 @@ import numpy as np
 
 COMPARE_FILE = "compare.json"
 DONE_FILE = "DONE"
+# compare.json / folder statuses of runs whose last logged point is not a final result
+UNFINISHED_STATUSES = ("running", "pending", "interrupted", "partial", "empty", "unknown")
 LOG_FILE = "train.log"
 RUN_NAME = re.compile(r"^(?P<objective>.+)-s(?P<seed>\d+)$")
 # Options `tepo compare` sets per run; passing them as extra train arguments would break the design.
@@ -390,6 +392,12 @@ class RunData:
         return np.asarray(steps)[order], np.asarray(values)[order]
 
     @property
+    def unfinished(self) -> bool:
+        """Still training, waiting, stopped by hand, or without any end marker: its last point is not
+        its final result. (A run that failed, e.g. stopped by the monitor, has ended: it counts.)"""
+        return self.status in UNFINISHED_STATUSES
+
+    @property
     def last_step(self) -> float | None:
         steps = [r["step"] for r in self.rows if isinstance(r.get("step"), (int, float))]
         return float(max(steps)) if steps else None
@@ -407,8 +415,11 @@ class Comparison:
         seen = [r.objective for r in self.runs]
         return list(dict.fromkeys([o for o in planned if o in seen] + seen))
 
-    def by_objective(self) -> dict[str, list[RunData]]:
-        return {o: sorted((r for r in self.runs if r.objective == o), key=lambda r: r.seed) for o in self.objectives}
+    def by_objective(self, ended_only: bool = False) -> dict[str, list[RunData]]:
+        """Runs per objective, by seed; ended_only leaves out unfinished runs (for final results)."""
+        runs = [r for r in self.runs if not (ended_only and r.unfinished)]
+        grouped = {o: sorted((r for r in runs if r.objective == o), key=lambda r: r.seed) for o in self.objectives}
+        return {o: rs for o, rs in grouped.items() if rs or not ended_only}
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
@@ -638,7 +649,7 @@ def first_step_reaching(steps: np.ndarray, values: np.ndarray, target: float) ->
 def accuracy_table(comparison: Comparison, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Per objective: held-out accuracy before and after training over seeds, with a t-interval."""
     table = []
-    for objective, runs in comparison.by_objective().items():
+    for objective, runs in comparison.by_objective(ended_only=True).items():
         finals = [(r.seed, *final_accuracy(r)) for r in runs]
         before = [float(r.eval_before["accuracy"]) for r in runs if r.eval_before is not None]
         after = mean_std_ci([a for _, a, _ in finals], confidence)
@@ -657,21 +668,22 @@ def steps_to_target(comparison: Comparison, target: float | None = None, smooth:
     """Steps each run needs to reach a target performance, per objective.
 
     Uses held-out accuracy when every objective has a run with at least two periodic held-out
-    evaluations (runs without any, e.g. still starting, are left out); the default target is then
+    evaluations; unfinished runs are left out. The default target is then
     the midpoint between the mean accuracy before training and the best objective's mean final
     accuracy. Otherwise it uses the training reward (trailing mean over `smooth` steps), target =
     midpoint between its mean initial and the best objective's mean final value.
     """
-    runs = comparison.runs
+    by_objective = comparison.by_objective(ended_only=True)  # an unfinished run's last point is not its end
+    runs = [r for rs in by_objective.values() for r in rs]
     use_heldout = bool(runs) and all(any(r.series("heldout_accuracy")[0].size >= 2 for r in rs)
-                                     for rs in comparison.by_objective().values())
+                                     for rs in by_objective.values())
     series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if use_heldout:
         metric = "held-out accuracy"
         for r in runs:
             series[r.name] = heldout_series(r) if r.series("heldout_accuracy")[0].size else (np.array([]), np.array([]))
         starts = [v[0] for s, v in series.values() if v.size]
-        ends = {o: mean_std_ci([final_accuracy(r)[0] for r in rs])["mean"] for o, rs in comparison.by_objective().items()}
+        ends = {o: mean_std_ci([final_accuracy(r)[0] for r in rs])["mean"] for o, rs in by_objective.items()}
     else:
         metric = f"training reward (mean over {smooth} steps)" if smooth > 1 else "training reward"
         for r in runs:
@@ -679,7 +691,7 @@ def steps_to_target(comparison: Comparison, target: float | None = None, smooth:
             series[r.name] = (s, moving_average(v, smooth))
         starts = [float(np.mean(r.series("reward_mean")[1][:smooth])) for r in runs if r.series("reward_mean")[1].size]
         ends = {o: mean_std_ci([float(np.mean(r.series("reward_mean")[1][-smooth:])) for r in rs if r.series("reward_mean")[1].size])["mean"]
-                for o, rs in comparison.by_objective().items()}
+                for o, rs in by_objective.items()}
     finite_ends = [e for e in ends.values() if math.isfinite(e)]
     start = float(np.mean(starts)) if starts else math.nan
     best = max(finite_ends) if finite_ends else math.nan
@@ -689,7 +701,7 @@ def steps_to_target(comparison: Comparison, target: float | None = None, smooth:
         problem = "no objective ended above the start, so there is no default target (give one with --target)"
         chosen = math.nan
     per_objective = {}
-    for objective, rs in comparison.by_objective().items():
+    for objective, rs in by_objective.items():
         measured = [r for r in rs if series[r.name][0].size] if not problem else []
         reached = {r.seed: first_step_reaching(*series[r.name], chosen) for r in measured}
         steps = [s for s in reached.values() if s is not None]

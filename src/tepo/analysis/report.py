@@ -508,6 +508,10 @@ def _setup_lines(comp: Comparison) -> list[str]:
              + (f" of {len(state['runs'])} planned" if state.get("runs") else "")]
     if state.get("train_args") is not None:
         lines.append(f"Training arguments shared by every run: {shlex.join(state['train_args']) or '(none)'}")
+    unfinished = [f"{r.name} ({r.status}, {len(r.rows)} steps logged)" for r in comp.runs if r.unfinished]
+    if unfinished:
+        lines.append("Unfinished, drawn in the curves but left out of the accuracy and steps-to-target tables: "
+                     + ", ".join(unfinished))
     return lines
 
 
