@@ -230,11 +230,10 @@ def _train(argv: list[str]) -> int:
     print(f"tepo train: {config.objective} on {len(train_problems)} problems, model {model_path}, "
           f"{config.max_steps} steps -> {out}", file=sys.stderr)
 
-    trainer = TEPOTrainer(model=model_path, args=config, train_dataset=dataset, heldout_problems=heldout)
-    if trainer.heldout_callback is not None:
-        # The same batches as the evaluations before and after: in bf16, another batch size (other
-        # padding) alone flips a few greedy answers, and the curve's last point must equal the table's.
-        trainer.heldout_callback.batch_size = script.heldout_batch_size
+    # In-training evaluations use the batches of the ones before and after: in bf16, another batch size
+    # (other padding) alone flips a few greedy answers, and the curve's last point must equal the table's.
+    trainer = TEPOTrainer(model=model_path, args=config, train_dataset=dataset, heldout_problems=heldout,
+                          heldout_batch_size=script.heldout_batch_size)
     max_new = config.heldout_max_new_tokens or config.max_completion_length
 
     before = None

@@ -65,14 +65,14 @@ class TEPOTrainer(GRPOTrainer):
 
     Args: as GRPOTrainer; `args` must be a `TEPOConfig`. `reward_funcs` defaults to
     `tepo.rewards.math_reward_func`. `heldout_problems` (dicts with id, problem, answer) feed the
-    held-out evaluation every `args.heldout_eval_steps` steps.
+    held-out evaluation every `args.heldout_eval_steps` steps, decoded in batches of `heldout_batch_size`.
     """
 
     _tag_names = ["trl", "grpo", "tepo"]
     _name = "TEPO"
 
     def __init__(self, model, reward_funcs=None, args: TEPOConfig | None = None, *,
-                 heldout_problems: Sequence[dict] | None = None, **kwargs):
+                 heldout_problems: Sequence[dict] | None = None, heldout_batch_size: int = 16, **kwargs):
         if not isinstance(args, TEPOConfig):
             raise TypeError(f"TEPOTrainer needs args=TEPOConfig(...), got {type(args).__name__}")
         if reward_funcs is None:
@@ -107,6 +107,7 @@ class TEPOTrainer(GRPOTrainer):
             self.heldout_callback = HeldoutEvalCallback(
                 self, heldout_problems, every=args.heldout_eval_steps,
                 max_new_tokens=args.heldout_max_new_tokens or args.max_completion_length,
+                batch_size=heldout_batch_size,
             )
             self.add_callback(self.heldout_callback)
         self.monitor_callback = None
