@@ -15,12 +15,22 @@
 # 494.0 M (the embedding/LM head is 44.0 M instead of 136.1 M). Config and tokenizer: .gpu/
 # (made here by bench/gpu.sh's `prepare` step; git-ignored, carried to the device).
 #
-# Lead's call (device tool):  run(command="bash bench/gpu.sh", carry=[".whl", ".gpu"], timeout_s=600)
+# Device tool call:  run(command="bash bench/gpu.sh", carry=[".whl", ".gpu"], timeout_s=480), with the knobs below
+# before "bash" (.whl: the wheels of $WHEELS below, fetched by `bash bench/gpu.sh wheels`)
 # PROFILE=1 bash bench/gpu.sh: also one profiled update phase per trainer (torch.profiler top ops in
 # $OUT/profile/; one extra step each, about 40 s more, not in the timings)
+# Knobs for the update-phase MFU (both trainers alike, so the ratio stays like for like):
+#   TORCH_COMPILE=1  TrainingArguments.torch_compile: forward/backward of training through torch.compile
+#                    (inductor fuses RMSNorm/RoPE/SwiGLU element-wise work; generation stays eager)
+#   LIGER=1          use_liger_kernel: Liger's Triton RMSNorm/SwiGLU/RoPE (carry its wheel in .whl)
+#   MEMORY=0         skip the memory part (already in docs/benchmarks.md) to leave time for compilation
+#   STEPS=N REPEATS=R  measured steps per trainer per round, rounds (stock, tepo, stock, tepo, ...)
+# The next device session's run:  TORCH_COMPILE=1 MEMORY=0 REPEATS=2 STEPS=2 bash bench/gpu.sh  (docs/benchmarks.md;
+# train_step.json is rewritten after each trainer, so a time limit still leaves what was measured)
 # Dry run on a CPU with everything shrunk (no wheels installed, nothing written to docs/):
 #   GPU_BENCH_TINY=1 PY=.venv/bin/python bash bench/gpu.sh
-# Make .gpu/ (once, on the dev box):  PY=.venv/bin/python bash bench/gpu.sh prepare
+# Make .gpu/ and .whl/ (once, on the dev box):  PY=.venv/bin/python bash bench/gpu.sh prepare
+#                                               PY=.venv/bin/python bash bench/gpu.sh wheels
 
 set -u
 set -o pipefail
@@ -28,12 +38,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-python3}
 TINY=${GPU_BENCH_TINY:-0}
-GPU_DIR=$ROOT/.gpu
+GPU_DIR=${GPU_DIR:-$ROOT/.gpu}  # configs + tokenizer (made by `prepare`)
+export GPU_DIR
 
 prepare() {
     # Tokenizer of the offline default model + the two model configs (no weights: random init).
     set -e
     "$PY" - <<'EOF'
+import os
 import shutil
 from pathlib import Path
 
@@ -41,7 +53,7 @@ from transformers import AutoTokenizer, Qwen2Config
 
 from tepo.models import resolve_model
 
-gpu = Path(".gpu")
+gpu = Path(os.environ["GPU_DIR"])
 src = Path(resolve_model(None))
 tok_dir = gpu / "tokenizer"
 tok_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +71,21 @@ Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 print(f"prepared {gpu}: tokenizer ({len(tok)} tokens), qwen2.5-0.5b-smolvocab, tiny-smolvocab")
 EOF
 }
+
+# The wheels the device machine lacks (it has torch + CUDA, no network): pinned to what this
+# repository is tested with, for the device's Python 3.12, no dependencies resolved (the list is it).
+WHEELS="trl==1.16.0 transformers==5.24.0 tokenizers==0.23.3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 typer==0.29.2 shellingham==1.5.4
+liger-kernel==0.8.5"
+if [ "${1:-}" = "wheels" ]; then
+    mkdir -p .whl
+    # shellcheck disable=SC2086
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 --platform any -d .whl $WHEELS
+    status=$?
+    ls .whl
+    exit $status
+fi
 
 if [ "${1:-}" = "prepare" ]; then
     export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
@@ -84,7 +111,7 @@ main() {
         echo "== GPU_BENCH_TINY=1: dry run on $(uname -m) CPU, shrunk sizes, docs/ untouched"
         export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
         DEVICE=cpu MODEL=$GPU_DIR/tiny-smolvocab NO_WRITE=--no_write
-        TS_ARGS="--steps 1 --num_prompts 2 --num_generations 2 --steps_per_generation 1 --micro_batch 2 --gradient_checkpointing false --max_completion_length 8 --prompt_tokens 16"
+        TS_ARGS="--steps ${STEPS:-1} --repeats ${REPEATS:-1} --num_prompts 2 --num_generations 2 --steps_per_generation 1 --micro_batch 2 --gradient_checkpointing false --max_completion_length 8 --prompt_tokens 16"
         MEM_ARGS="--batch_sizes 2,4 --num_generations 2 --prompt_tokens 16 --completion_tokens 8"
         TS_LIMIT=600 MEM_LIMIT=600
     else
@@ -98,12 +125,21 @@ main() {
         # 512 forced completion tokens, bf16, one optimiser step per rollout; the step's 128
         # completions go through forward/backward as 4 micro-batches of 32 without gradient
         # checkpointing (39.7 GiB peak; the update took as long as with recomputation, docs/benchmarks.md)
-        TS_ARGS="--steps 3 --num_prompts 16 --num_generations 8 --steps_per_generation 1 --micro_batch 32 --gradient_checkpointing false --max_completion_length 512 --prompt_tokens 128"
+        TS_ARGS="--steps ${STEPS:-3} --repeats ${REPEATS:-1} --num_prompts 16 --num_generations 8 --steps_per_generation 1 --micro_batch 32 --gradient_checkpointing false --max_completion_length 512 --prompt_tokens 128"
         # memory: one micro-batch of 16/32/64 completions without gradient checkpointing (128 would
         # need ~134 GiB by the fit of the 2026-11-27 H100 run)
         MEM_ARGS="--batch_sizes 16,32,64 --num_generations 8 --prompt_tokens 128 --completion_tokens 512"
         # measured on an H100 (2026-11-27): train_step 3+1 steps per trainer ~175 s, memory ~170 s
         TS_LIMIT=260 MEM_LIMIT=210
+        if [ "${MEMORY:-1}" = "0" ]; then
+            TS_LIMIT=400  # compilation of each trainer's first step; the memory part's time goes to it
+        fi
+    fi
+    if [ "${TORCH_COMPILE:-0}" = "1" ]; then
+        TS_ARGS="$TS_ARGS --torch_compile"
+    fi
+    if [ "${LIGER:-0}" = "1" ]; then
+        TS_ARGS="$TS_ARGS --use_liger_kernel"
     fi
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
@@ -129,10 +165,14 @@ EOF
     timeout "$TS_LIMIT" "$PY" bench/train_step.py --device "$DEVICE" --model_config "$MODEL" \
         --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS ${PROFILE:+--profile "$OUT/profile"} --json "$OUT/train_step.json" $NO_WRITE || status=5
 
-    echo "== memory: one optimiser step at several batch sizes ($(( SECONDS - start )) s so far)"
-    # shellcheck disable=SC2086
-    timeout "$MEM_LIMIT" "$PY" bench/memory.py --device "$DEVICE" --setup random --model_config "$MODEL" \
-        --tokenizer "$GPU_DIR/tokenizer" $MEM_ARGS --json "$OUT/memory_gpu.json" $NO_WRITE || { [ "$status" -eq 0 ] && status=6; }
+    if [ "${MEMORY:-1}" = "0" ]; then
+        echo "== memory: skipped (MEMORY=0)"
+    else
+        echo "== memory: one optimiser step at several batch sizes ($(( SECONDS - start )) s so far)"
+        # shellcheck disable=SC2086
+        timeout "$MEM_LIMIT" "$PY" bench/memory.py --device "$DEVICE" --setup random --model_config "$MODEL" \
+            --tokenizer "$GPU_DIR/tokenizer" $MEM_ARGS --json "$OUT/memory_gpu.json" $NO_WRITE || { [ "$status" -eq 0 ] && status=6; }
+    fi
 
     if [ -f docs/benchmarks.md ]; then
         cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -12,9 +12,10 @@ Per trainer it reports the mean optimiser-step time, the generation time and gen
 the scoring time (the rest of the rollout: rewards, old-policy log-probs), the update phase (the
 rest of the step: forward+backward of each micro-batch, optimiser) with its tokens/s, and the update-phase MFU = 6 * params * update tokens / time / peak bf16 FLOP/s
 (989 TFLOP/s for an H100 / H200 SXM; pass --peak_tflops for another card). The first rollout
-block (steps_per_generation steps) of each trainer is warm-up and not counted. The trainers run
-alternately (stock, tepo, stock, tepo ... for --repeats rounds) so a slow patch of a shared
-machine hits both.
+block (steps_per_generation steps) of each trainer is warm-up and not counted (with --torch_compile it
+holds the compilation, reported apart). The trainers run alternately (stock, tepo, stock, tepo ... for
+--repeats rounds) so a slow patch of a shared machine hits both. --torch_compile / --use_liger_kernel
+apply to both trainers alike.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from _prompts import exact_length_prompt  # noqa: E402
 from _report import machine, write_section  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -79,7 +81,7 @@ def build_model_and_tokenizer(args):
 
 
 def build_dataset(tokenizer, num_prompts: int, prompt_tokens: int | None):
-    """Arithmetic problems; with prompt_tokens, plain-text prompts cut to that many tokens."""
+    """Arithmetic problems; with prompt_tokens, plain-text prompts of exactly that many tokens."""
     from tepo.tasks import load_task, to_prompt_dataset
 
     problems = load_task(task="arithmetic", split="train", num_problems=num_prompts, levels=[1, 2])
@@ -87,11 +89,8 @@ def build_dataset(tokenizer, num_prompts: int, prompt_tokens: int | None):
         return to_prompt_dataset(problems)
     from datasets import Dataset
 
-    rows = []
-    for p in problems:
-        ids = tokenizer(p["problem"] + " ", add_special_tokens=False)["input_ids"]
-        ids = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
-        rows.append({"prompt": tokenizer.decode(ids), "answer": p["answer"], "id": p["id"]})
+    rows = [{"prompt": exact_length_prompt(tokenizer, p["problem"], prompt_tokens), "answer": p["answer"], "id": p["id"]}
+            for p in problems]
     return Dataset.from_list(rows)
 
 
@@ -185,6 +184,7 @@ def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
         temperature=1.0, learning_rate=1e-6, lr_scheduler_type="constant", max_steps=args.total_steps,
         bf16=True, use_cpu=args.device == "cpu", gradient_checkpointing=args.gradient_checkpointing, report_to=[], save_strategy="no",
         seed=0, disable_tqdm=True, logging_steps=1,
+        torch_compile=args.torch_compile, use_liger_kernel=args.use_liger_kernel,
         generation_kwargs={"min_new_tokens": args.max_completion_length} if args.force_length else None,
     )
     if kind == "stock":
@@ -211,6 +211,7 @@ def summarize(steps: list[dict], params: int, peak_flops: float | None) -> dict:
         "steps": len(steps),
         "step_s_mean": statistics.mean(step_s),
         "step_s_median": statistics.median(step_s),
+        "step_s": step_s,
         "generate_s_per_step": gen_s / len(steps),
         "generated_tok_per_s": gen_tokens / gen_s if gen_s else float("nan"),
         "score_s_per_step": (rollout_s - gen_s) / len(steps),
@@ -219,6 +220,19 @@ def summarize(steps: list[dict], params: int, peak_flops: float | None) -> dict:
     }
     out["update_mfu"] = (6 * params * out["update_tok_per_s"] / peak_flops) if peak_flops else None
     return out
+
+
+def compile_stats() -> dict:
+    """What torch.compile made of the run: graphs compiled, graph breaks by reason, frames left eager."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "graph_break_reasons": {str(k)[:200]: int(v) for k, v in counters["graph_break"].most_common(8)},
+        # frames dynamo gave up on (an error under suppress_errors, or a skip): they ran eager
+        "frames_not_compiled": int(counters["frames"].get("total", 0) - counters["frames"].get("ok", 0)),
+    }
 
 
 def main(argv=None) -> int:
@@ -240,6 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("--no_force_length", dest="force_length", action="store_false", help="let completions stop at EOS")
     p.add_argument("--gradient_checkpointing", choices=("true", "false"), default=None,
                    help="default: true on GPU (as TRL's default, and what fits an 80 GB card at this shape), false on CPU")
+    p.add_argument("--torch_compile", action="store_true",
+                   help="both trainers: TrainingArguments.torch_compile (the training forward/backward through torch.compile; "
+                        "generation stays eager)")
+    p.add_argument("--use_liger_kernel", action="store_true",
+                   help="both trainers: Liger's RMSNorm/SwiGLU/RoPE Triton kernels (GPU; needs the liger-kernel package; TRL "
+                        "leaves the LM head and the loss to its own fused log-prob kernel)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run one more optimiser step per trainer after the measured ones, profile its update phase "
@@ -279,6 +299,13 @@ def main(argv=None) -> int:
 
     import tempfile
 
+    if args.torch_compile:
+        import torch._dynamo as dynamo
+
+        # A frame inductor cannot compile runs eager instead of ending the one device run; whether
+        # that happened is in the results (compile_stats) and the rendered section.
+        dynamo.config.suppress_errors = True
+
     torch.set_num_threads(torch.get_num_threads())
     base, tokenizer, label = build_model_and_tokenizer(args)
     params = sum(p.numel() for p in base.parameters())
@@ -291,6 +318,7 @@ def main(argv=None) -> int:
     peak_flops = peak * 1e12 if peak else None
 
     measured: dict[str, list[dict]] = {"stock": [], "tepo": []}
+    warmup_s: dict[str, list[float]] = {"stock": [], "tepo": []}
     peak_mem: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
@@ -303,6 +331,10 @@ def main(argv=None) -> int:
                 trainer.train()
                 print(f"[{kind} round {round_}] {args.total_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
                 measured[kind] += probe.steps[warmup:warmup + args.steps]  # not the profiled step
+                warmup_s[kind] += [step["step_s"] for step in probe.steps[:warmup]]  # with torch.compile: compilation
+                if args.json:  # what is measured so far, in case a time limit stops the run
+                    partial = {k: summarize(v, params, peak_flops) for k, v in measured.items() if v}
+                    Path(args.json).write_text(json.dumps({"partial": True, "after": f"{kind} round {round_}", **partial}, indent=2))
                 if gpu:
                     peak_mem[kind] = max(peak_mem.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
                 del trainer, model, probe
@@ -312,12 +344,21 @@ def main(argv=None) -> int:
                     torch.cuda.reset_peak_memory_stats()
     results = {kind: summarize(steps, params, peak_flops) for kind, steps in measured.items()}
     results["ratio_tepo_over_stock"] = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
+    # The same without generation: TRL's own `_generate`, which TEPOTrainer does not override, so what is
+    # left is the part our code can make slower (scoring, loss, update, callbacks).
+    results["ratio_without_generation"] = (
+        (results["tepo"]["step_s_mean"] - results["tepo"]["generate_s_per_step"])
+        / (results["stock"]["step_s_mean"] - results["stock"]["generate_s_per_step"]))
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "from_json")}
     results["model"], results["params"], results["machine"] = label, params, device_name
     results["peak_tflops"] = peak
     results["command"] = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for kind, gib in peak_mem.items():
         results[kind]["peak_memory_gib"] = gib
+    for kind, times in warmup_s.items():
+        results[kind]["warmup_step_s"] = times
+    if args.torch_compile:
+        results["compile_stats"] = compile_stats()
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -337,6 +378,23 @@ def render(results: dict) -> str:
         f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
         for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
     )
+    notes = ""
+    if results.get("ratio_without_generation") is not None:
+        notes = (f" Without generation (TRL's `_generate`, which both trainers share unchanged): "
+                              f"{results['ratio_without_generation']:.3f}.")
+    for kind in ("stock", "tepo"):
+        times = results[kind].get("step_s") or []
+        if times and max(times) > 1.5 * statistics.median(times):
+            notes += (f"\n**Warning:** a measured {kind} step took {max(times):.1f} s against a median of "
+                                   f"{statistics.median(times):.1f} s (a recompilation or a stall): per-step times "
+                                   f"{', '.join(f'{t:.1f}' for t in times)} s.")
+    stats = results.get("compile_stats")
+    if stats:
+        notes += (f"\ntorch.compile: {stats['unique_graphs']} graph(s) compiled, {stats['graph_breaks']} graph break(s), "
+                               f"{stats['frames_not_compiled']} frame(s) left eager (an error or a skip; reasons in the JSON and the log).")
+    if results["stock"].get("warmup_step_s"):
+        warm = ", ".join(f"{k} {sum(results[k]['warmup_step_s']):.1f} s" for k in ("stock", "tepo"))
+        notes += f"\nWarm-up steps in all (not counted; with torch.compile they hold the compilation): {warm}."
     memory = ""
     if results["stock"].get("peak_memory_gib"):
         memory = (f" Peak GPU memory: stock {results['stock']['peak_memory_gib']:.1f} GiB, "
@@ -347,14 +405,15 @@ Machine: {results['machine']}. Model: {results['model']}, {results['params'] / 1
 Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step
 (micro-batches of {getattr(s, 'micro_batch', s.batch_size)}, gradients accumulated over {getattr(s, 'grad_accum', 1)}),
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
-{'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'}.
+{'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'},
+torch.compile {'on' if getattr(s, 'torch_compile', False) else 'off'}, Liger kernels {'on' if getattr(s, 'use_liger_kernel', False) else 'off'}.
 {s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
 | trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | scoring s/step | update s/step | update tok/s | update MFU % |
 |---|---|---|---|---|---|---|---|---|
 {rows}
 
-**Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).
+**Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).{notes}
 Scoring = the rest of the rollout after generation (rewards; old-policy log-probs when a rollout serves
 several optimiser steps). Update phase = step time minus the rollout: forward+backward of every micro-batch and
 the optimiser step. MFU counts 6 x params x update tokens (prompt + completion; not the recomputation of gradient

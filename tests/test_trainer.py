@@ -330,3 +330,50 @@ def test_heldout_eval_every_n_steps_lands_in_its_row(tmp_path):
     assert tr.heldout_callback.results[2]["num_problems"] == 3
     assert tr.model.training, "evaluation must hand the model back in training mode"
     assert (tmp_path / "run" / "monitor.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile (docs/scaling.md: the lever for the update phase's element-wise work)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path, monkeypatch):
+    """`torch_compile=True` (TrainingArguments) compiles the training forward/backward; the losses and
+    metrics, the rollout-time old entropy (TEPO's KL mask) and the update match eager training."""
+    seen = {}
+    real = trainer_module.policy_loss
+
+    def spy(name, **kw):
+        seen.setdefault(tag, []).append(kw)  # tag: the run in progress (read at call time)
+        return real(name, **kw)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    runs = {}
+    for tag in ("eager", "compiled"):
+        tr = make_trainer(tmp_path / tag, objective="tepo", tepo_kl_coef=0.5, torch_compile=tag == "compiled")
+        tr.train()
+        if tag == "compiled":  # the model trained through torch.compile, generation through the plain module
+            assert type(tr.model_wrapped).__name__ == "OptimizedModule"
+        runs[tag] = (read_metrics(tmp_path / tag / "run" / "metrics.jsonl"), params(tr.model))
+    (eager_rows, eager_w), (comp_rows, comp_w) = runs["eager"], runs["compiled"]
+    assert [r["step"] for r in comp_rows] == [1, 2]
+    for e, c in zip(eager_rows, comp_rows):
+        for key in ("loss", "entropy_mean", "clip_frac", "approx_kl", "reward_mean"):
+            assert c[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), key
+    # kl_mask_frac only after an update. On step 1 pi_theta == pi_old, but the old entropy comes from
+    # the rollout's scoring pass (plain module, no grad) and the entropy from the compiled training
+    # pass: their float32 rounding differs, so the spec's strict `entropy < old_entropy` holds for
+    # some positive-advantage tokens (eager: 0 exactly). Their KL (k3 of a rounding-size d) is ~0.
+    assert eager_rows[0]["kl_mask_frac"] == 0.0
+    assert comp_rows[1]["kl_mask_frac"] == pytest.approx(eager_rows[1]["kl_mask_frac"], abs=0.02)
+    # step 2 reuses the rollout: the old entropy came from the rollout's scoring pass in both runs
+    for tag in ("eager", "compiled"):
+        second = seen[tag][1]
+        m = second["mask"].bool()
+        assert second["old_entropy"] is not None
+        assert not torch.allclose(second["old_entropy"][m], second["entropy"].detach()[m])
+    # Weights after two AdamW steps (lr 1e-2): the same but where a gradient is at rounding size, which
+    # Adam's m / sqrt(v) scales up to a whole step; each step moves a weight by at most about lr.
+    off = (comp_w - eager_w).abs()
+    assert (off > 1e-5).float().mean().item() < 1e-3, f"{int((off > 1e-5).sum())} of {off.numel()} weights differ"
+    assert off.max().item() <= 2 * 1e-2

@@ -59,7 +59,9 @@ def tepo(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
         m[i,t] = 1[A[i,t] > 0] * 1[entropy[i,t] < old_entropy[i,t]]           (B, T), detached
         k[i,t] = exp(-d) + d - 1          (k3 from pi_theta to pi_old, gradient through d)
         loss  += tepo_kl_coef * sum(mask * m * k) / N       (always / N, whatever `agg` is)
-    Metric kl_mask_frac = sum(mask * m) / N (0 when entropies are not given).
+    Metric kl_mask_frac = sum(mask * m) / N (0 when entropies are not given). The comparison is strict,
+    as specified, so when entropy and old_entropy come from passes that round differently (a compiled
+    training pass against the eager scoring pass, say) it selects tokens on-policy too; their k is ~0.
     """
     coef = hp["tepo_kl_coef"]
     if coef > 0:

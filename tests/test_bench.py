@@ -1,0 +1,76 @@
+"""The prepared GPU benchmark (`bench/gpu.sh`) runs end to end on this CPU with everything shrunk
+(GPU_BENCH_TINY=1), so the one device run a session may get is not spent on a broken script."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_gpu_sh(env: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(ROOT / "src"), **env}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_with_compile_and_alternation(tmp_path):
+    gpu_dir, out = tmp_path / "gpu", tmp_path / "out"
+    prep = run_gpu_sh({"GPU_DIR": str(gpu_dir)}, "prepare")
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    assert (gpu_dir / "qwen2.5-0.5b-smolvocab" / "config.json").is_file()
+    doc = ROOT / "docs" / "benchmarks.md"
+    before = hashlib.sha256(doc.read_bytes()).hexdigest()
+
+    done = run_gpu_sh({"GPU_DIR": str(gpu_dir), "OUT": str(out), "GPU_BENCH_TINY": "1", "TORCH_COMPILE": "1",
+                       "REPEATS": "2", "STEPS": "1"})
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "status 0" in log
+
+    steps = json.loads((out / "train_step.json").read_text())
+    assert "partial" not in steps  # the final results replaced the per-trainer snapshots
+    assert steps["settings"]["torch_compile"] is True and steps["settings"]["repeats"] == 2
+    for kind in ("stock", "tepo"):
+        assert steps[kind]["steps"] == 2 and len(steps[kind]["step_s"]) == 2  # one step in each of two rounds
+        assert len(steps[kind]["warmup_step_s"]) == 2
+        assert steps[kind]["update_tok_per_s"] > 0 and steps[kind]["generated_tok_per_s"] > 0
+    assert steps["compile_stats"]["unique_graphs"] >= 1  # the training forward really went through dynamo
+    assert steps["ratio_tepo_over_stock"] > 0 and steps["ratio_without_generation"] > 0
+
+    memory = json.loads((out / "memory_gpu.json").read_text())
+    assert [p["batch_size"] for p in memory["points"]] == [2, 4]
+    assert all(p["peak_gib"] > 0 for p in memory["points"]) and memory["fit"]["batch_size"] >= 4
+    # the dry run writes nothing to docs/
+    assert hashlib.sha256(doc.read_bytes()).hexdigest() == before
+
+
+def test_exact_length_prompts():
+    """SmolLM2's tokenizer re-tokenizes cut-and-decoded ids to other lengths (the old benchmark prompts
+    were 116-125 tokens for 128); the helper's prompts are exactly as long as asked."""
+    from transformers import AutoTokenizer
+
+    from tepo.models import resolve_model
+    from tepo.tasks import load_task
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _prompts import exact_length_prompt
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    problems = [p["problem"] for p in load_task(task="arithmetic", split="train", num_problems=40, levels=[1, 2])]
+
+    def naive(text, n):  # what the benchmarks did before
+        ids = tok(text + " ", add_special_tokens=False)["input_ids"]
+        return tok.decode((ids * (n // len(ids) + 1))[:n])
+
+    assert {len(tok(text=naive(p, 128))["input_ids"]) for p in problems} != {128}
+    for n in (16, 128):
+        assert {len(tok(text=exact_length_prompt(tok, p, n))["input_ids"]) for p in problems} == {n}
