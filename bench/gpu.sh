@@ -26,7 +26,8 @@
 #   MEMORY=0         skip the memory part (already in docs/benchmarks.md) to leave time for compilation
 #   STEPS=N REPEATS=R  measured steps per trainer per round, rounds (stock, tepo, stock, tepo, ...)
 # The next device session's run:  TORCH_COMPILE=1 MEMORY=0 REPEATS=2 STEPS=2 bash bench/gpu.sh  (docs/benchmarks.md;
-# train_step.json is rewritten after each trainer, so a time limit still leaves what was measured)
+# train_step.json is rewritten after each trainer, so a time limit still leaves what was measured:
+# `python bench/train_step.py --from_json $OUT/train_step.json` writes the section from it, marked partial)
 # Dry run on a CPU with everything shrunk (no wheels installed, nothing written to docs/):
 #   GPU_BENCH_TINY=1 PY=.venv/bin/python bash bench/gpu.sh
 # Make .gpu/ and .whl/ (once, on the dev box):  PY=.venv/bin/python bash bench/gpu.sh prepare

@@ -320,6 +320,30 @@ def main(argv=None) -> int:
     measured: dict[str, list[dict]] = {"stock": [], "tepo": []}
     warmup_s: dict[str, list[float]] = {"stock": [], "tepo": []}
     peak_mem: dict[str, float] = {}
+
+    def collect(partial_after: str | None = None) -> dict:
+        results = {kind: summarize(steps, params, peak_flops) for kind, steps in measured.items() if steps}
+        if partial_after is not None:  # a snapshot, in case a time limit stops the run
+            results["partial"] = f"stopped after {partial_after}; results so far"
+        if "stock" in results and "tepo" in results:
+            results["ratio_tepo_over_stock"] = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
+            # The same without generation: TRL's own `_generate`, which TEPOTrainer does not override, so
+            # what is left is the part our code can make slower (scoring, loss, update, callbacks).
+            results["ratio_without_generation"] = (
+                (results["tepo"]["step_s_mean"] - results["tepo"]["generate_s_per_step"])
+                / (results["stock"]["step_s_mean"] - results["stock"]["generate_s_per_step"]))
+        results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "from_json")}
+        results["model"], results["params"], results["machine"] = label, params, device_name
+        results["peak_tflops"] = peak
+        results["command"] = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        for kind in results.keys() & measured.keys():
+            if kind in peak_mem:
+                results[kind]["peak_memory_gib"] = peak_mem[kind]
+            results[kind]["warmup_step_s"] = warmup_s[kind]
+        if args.torch_compile:
+            results["compile_stats"] = compile_stats()
+        return results
+
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
             for kind in ("stock", "tepo"):
@@ -332,33 +356,16 @@ def main(argv=None) -> int:
                 print(f"[{kind} round {round_}] {args.total_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
                 measured[kind] += probe.steps[warmup:warmup + args.steps]  # not the profiled step
                 warmup_s[kind] += [step["step_s"] for step in probe.steps[:warmup]]  # with torch.compile: compilation
-                if args.json:  # what is measured so far, in case a time limit stops the run
-                    partial = {k: summarize(v, params, peak_flops) for k, v in measured.items() if v}
-                    Path(args.json).write_text(json.dumps({"partial": True, "after": f"{kind} round {round_}", **partial}, indent=2))
                 if gpu:
                     peak_mem[kind] = max(peak_mem.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                if args.json:  # `--from_json` renders this snapshot if the run is stopped before the end
+                    Path(args.json).write_text(json.dumps(collect(f"{kind} round {round_}"), indent=2))
                 del trainer, model, probe
                 gc.collect()  # trainers hold reference cycles; free the last one before the next starts
                 if gpu:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-    results = {kind: summarize(steps, params, peak_flops) for kind, steps in measured.items()}
-    results["ratio_tepo_over_stock"] = results["tepo"]["step_s_mean"] / results["stock"]["step_s_mean"]
-    # The same without generation: TRL's own `_generate`, which TEPOTrainer does not override, so what is
-    # left is the part our code can make slower (scoring, loss, update, callbacks).
-    results["ratio_without_generation"] = (
-        (results["tepo"]["step_s_mean"] - results["tepo"]["generate_s_per_step"])
-        / (results["stock"]["step_s_mean"] - results["stock"]["generate_s_per_step"]))
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "from_json")}
-    results["model"], results["params"], results["machine"] = label, params, device_name
-    results["peak_tflops"] = peak
-    results["command"] = "python bench/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    for kind, gib in peak_mem.items():
-        results[kind]["peak_memory_gib"] = gib
-    for kind, times in warmup_s.items():
-        results[kind]["warmup_step_s"] = times
-    if args.torch_compile:
-        results["compile_stats"] = compile_stats()
+    results = collect()
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -372,35 +379,40 @@ def render(results: dict) -> str:
 
     s = argparse.Namespace(**results["settings"])
     peak = results.get("peak_tflops")
+    kinds = [k for k in ("stock", "tepo") if k in results]  # a partial snapshot may lack one
     rows = "\n".join(
         f"| {kind} | {fmt(r['step_s_mean'])} | {fmt(r['step_s_median'])} | {fmt(r['generate_s_per_step'])} | "
         f"{fmt(r['generated_tok_per_s'], ',.0f')} | {fmt(r.get('score_s_per_step'))} | {fmt(r['update_s_per_step'])} | {fmt(r['update_tok_per_s'], ',.0f')} | "
         f"{fmt(None if r['update_mfu'] is None else 100 * r['update_mfu'], '.1f')} |"
-        for kind, r in ((k, results[k]) for k in ("stock", "tepo"))
+        for kind, r in ((k, results[k]) for k in kinds)
     )
-    notes = ""
+    if results.get("ratio_tepo_over_stock") is None:
+        notes = "**Step-time ratio tepo / stock: not measured** (one trainer has no measured step)."
+    else:
+        notes = f"**Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05)."
     if results.get("ratio_without_generation") is not None:
-        notes = (f" Without generation (TRL's `_generate`, which both trainers share unchanged): "
-                              f"{results['ratio_without_generation']:.3f}.")
-    for kind in ("stock", "tepo"):
+        notes += (" Without generation (TRL's `_generate`, which both trainers share unchanged): "
+                  f"{results['ratio_without_generation']:.3f}.")
+    for kind in kinds:
         times = results[kind].get("step_s") or []
         if times and max(times) > 1.5 * statistics.median(times):
             notes += (f"\n**Warning:** a measured {kind} step took {max(times):.1f} s against a median of "
-                                   f"{statistics.median(times):.1f} s (a recompilation or a stall): per-step times "
-                                   f"{', '.join(f'{t:.1f}' for t in times)} s.")
+                      f"{statistics.median(times):.1f} s (a recompilation or a stall): per-step times "
+                      f"{', '.join(f'{t:.1f}' for t in times)} s.")
     stats = results.get("compile_stats")
     if stats:
         notes += (f"\ntorch.compile: {stats['unique_graphs']} graph(s) compiled, {stats['graph_breaks']} graph break(s), "
-                               f"{stats['frames_not_compiled']} frame(s) left eager (an error or a skip; reasons in the JSON and the log).")
-    if results["stock"].get("warmup_step_s"):
-        warm = ", ".join(f"{k} {sum(results[k]['warmup_step_s']):.1f} s" for k in ("stock", "tepo"))
+                  f"{stats['frames_not_compiled']} frame(s) left eager (an error or a skip; reasons in the JSON and the log).")
+    if any(results[k].get("warmup_step_s") for k in kinds):
+        warm = ", ".join(f"{k} {sum(results[k].get('warmup_step_s', [])):.1f} s" for k in kinds)
         notes += f"\nWarm-up steps in all (not counted; with torch.compile they hold the compilation): {warm}."
     memory = ""
-    if results["stock"].get("peak_memory_gib"):
-        memory = (f" Peak GPU memory: stock {results['stock']['peak_memory_gib']:.1f} GiB, "
-                  f"tepo {results['tepo']['peak_memory_gib']:.1f} GiB.")
+    if any(results[k].get("peak_memory_gib") for k in kinds):
+        memory = " Peak GPU memory: " + ", ".join(f"{k} {results[k]['peak_memory_gib']:.1f} GiB" for k in kinds
+                                                   if results[k].get("peak_memory_gib")) + "."
+    partial = f"\n**Partial run: {results['partial']}.**\n" if results.get("partial") else ""
     return f"""## Trainer step time: TEPOTrainer (tepo) vs stock TRL GRPOTrainer ({'GPU' if s.device == 'cuda' else 'CPU'})
-
+{partial}
 Machine: {results['machine']}. Model: {results['model']}, {results['params'] / 1e6:.1f} M parameters.
 Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s.batch_size} completions per optimiser step
 (micro-batches of {getattr(s, 'micro_batch', s.batch_size)}, gradients accumulated over {getattr(s, 'grad_accum', 1)}),
@@ -413,7 +425,7 @@ torch.compile {'on' if getattr(s, 'torch_compile', False) else 'off'}, Liger ker
 |---|---|---|---|---|---|---|---|---|
 {rows}
 
-**Step-time ratio tepo / stock: {results['ratio_tepo_over_stock']:.3f}** (target <= 1.05).{notes}
+{notes}
 Scoring = the rest of the rollout after generation (rewards; old-policy log-probs when a rollout serves
 several optimiser steps). Update phase = step time minus the rollout: forward+backward of every micro-batch and
 the optimiser step. MFU counts 6 x params x update tokens (prompt + completion; not the recomputation of gradient

@@ -46,6 +46,18 @@ def test_gpu_bench_dry_run_with_compile_and_alternation(tmp_path):
     assert steps["compile_stats"]["unique_graphs"] >= 1  # the training forward really went through dynamo
     assert steps["ratio_tepo_over_stock"] > 0 and steps["ratio_without_generation"] > 0
 
+    # the section renders from the saved results, and from a snapshot of a run stopped after one trainer
+    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",
+                               str(out / "train_step.json"), "--no_write"], capture_output=True, text=True)
+    assert rendered.returncode == 0 and "**Step-time ratio tepo / stock: " in rendered.stdout, rendered.stderr
+    assert "torch.compile: " in rendered.stdout and "torch.compile on" in rendered.stdout
+    snapshot = {k: v for k, v in steps.items() if k not in ("tepo", "ratio_tepo_over_stock", "ratio_without_generation")}
+    (out / "partial.json").write_text(json.dumps({**snapshot, "partial": "stopped after stock round 0; results so far"}))
+    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",
+                               str(out / "partial.json"), "--no_write"], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "Partial run: stopped after stock round 0" in rendered.stdout and "not measured" in rendered.stdout
+
     memory = json.loads((out / "memory_gpu.json").read_text())
     assert [p["batch_size"] for p in memory["points"]] == [2, 4]
     assert all(p["peak_gib"] > 0 for p in memory["points"]) and memory["fit"]["batch_size"] >= 4
