@@ -22,6 +22,8 @@
 # Knobs for the update-phase MFU (both trainers alike, so the ratio stays like for like):
 #   TORCH_COMPILE=1  TrainingArguments.torch_compile: forward/backward of training through torch.compile
 #                    (inductor fuses RMSNorm/RoPE/SwiGLU element-wise work; generation stays eager)
+#   REGIONAL=1       with TORCH_COMPILE=1: compile one decoder layer and reuse it for all 24 (accelerate's
+#                    regional compilation): a fraction of the compile time, the same fusions inside each layer
 #   LIGER=1          use_liger_kernel: Liger's Triton RMSNorm/SwiGLU/RoPE (carry its wheel in .whl)
 #   MEMORY=0         skip the memory part (already in docs/benchmarks.md) to leave time for compilation
 #   STEPS=N REPEATS=R  measured steps per trainer per round, rounds (stock, tepo, stock, tepo, ...)
@@ -138,6 +140,9 @@ main() {
     fi
     if [ "${TORCH_COMPILE:-0}" = "1" ]; then
         TS_ARGS="$TS_ARGS --torch_compile"
+    fi
+    if [ "${REGIONAL:-0}" = "1" ]; then
+        TS_ARGS="$TS_ARGS --regional_compile"
     fi
     if [ "${LIGER:-0}" = "1" ]; then
         TS_ARGS="$TS_ARGS --use_liger_kernel"

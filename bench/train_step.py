@@ -24,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -257,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch_compile", action="store_true",
                    help="both trainers: TrainingArguments.torch_compile (the training forward/backward through torch.compile; "
                         "generation stays eager)")
+    p.add_argument("--regional_compile", action="store_true",
+                   help="with --torch_compile: compile each repeated block (decoder layer) once instead of the whole model "
+                        "(accelerate's use_regional_compilation): far shorter compilation, no fusion across layers")
     p.add_argument("--use_liger_kernel", action="store_true",
                    help="both trainers: Liger's RMSNorm/SwiGLU/RoPE Triton kernels (GPU; needs the liger-kernel package; TRL "
                         "leaves the LM head and the loss to its own fused log-prob kernel)")
@@ -299,6 +303,11 @@ def main(argv=None) -> int:
 
     import tempfile
 
+    if args.regional_compile:
+        if not args.torch_compile:
+            p.error("--regional_compile needs --torch_compile")
+        # TrainingArguments does not expose it; accelerate's TorchDynamoPlugin reads it from here
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
     if args.torch_compile:
         import torch._dynamo as dynamo
 
@@ -418,7 +427,7 @@ Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s
 (micro-batches of {getattr(s, 'micro_batch', s.batch_size)}, gradients accumulated over {getattr(s, 'grad_accum', 1)}),
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
 {'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'},
-torch.compile {'on' if getattr(s, 'torch_compile', False) else 'off'}, Liger kernels {'on' if getattr(s, 'use_liger_kernel', False) else 'off'}.
+torch.compile {('on, per decoder layer' if getattr(s, 'regional_compile', False) else 'on') if getattr(s, 'torch_compile', False) else 'off'}, Liger kernels {'on' if getattr(s, 'use_liger_kernel', False) else 'off'}.
 {s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
 | trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | scoring s/step | update s/step | update tok/s | update MFU % |

@@ -22,7 +22,7 @@ def run_gpu_sh(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_gpu_bench_dry_run_with_compile_and_alternation(tmp_path):
+def test_gpu_bench_dry_run_as_prepared_for_the_device(tmp_path):
     gpu_dir, out = tmp_path / "gpu", tmp_path / "out"
     prep = run_gpu_sh({"GPU_DIR": str(gpu_dir)}, "prepare")
     assert prep.returncode == 0, prep.stdout + prep.stderr
@@ -30,15 +30,17 @@ def test_gpu_bench_dry_run_with_compile_and_alternation(tmp_path):
     doc = ROOT / "docs" / "benchmarks.md"
     before = hashlib.sha256(doc.read_bytes()).hexdigest()
 
+    # the device run's knobs (compilation per decoder layer here), memory part left on so that it runs too
     done = run_gpu_sh({"GPU_DIR": str(gpu_dir), "OUT": str(out), "GPU_BENCH_TINY": "1", "TORCH_COMPILE": "1",
-                       "REPEATS": "2", "STEPS": "1"})
+                       "REGIONAL": "1", "REPEATS": "2", "STEPS": "1"})
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "status 0" in log
 
     steps = json.loads((out / "train_step.json").read_text())
     assert "partial" not in steps  # the final results replaced the per-trainer snapshots
-    assert steps["settings"]["torch_compile"] is True and steps["settings"]["repeats"] == 2
+    assert steps["settings"]["torch_compile"] is True and steps["settings"]["regional_compile"] is True
+    assert steps["settings"]["repeats"] == 2
     for kind in ("stock", "tepo"):
         assert steps[kind]["steps"] == 2 and len(steps[kind]["step_s"]) == 2  # one step in each of two rounds
         assert len(steps[kind]["warmup_step_s"]) == 2
@@ -50,7 +52,7 @@ def test_gpu_bench_dry_run_with_compile_and_alternation(tmp_path):
     rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",
                                str(out / "train_step.json"), "--no_write"], capture_output=True, text=True)
     assert rendered.returncode == 0 and "**Step-time ratio tepo / stock: " in rendered.stdout, rendered.stderr
-    assert "torch.compile: " in rendered.stdout and "torch.compile on" in rendered.stdout
+    assert "torch.compile: " in rendered.stdout and "torch.compile on, per decoder layer" in rendered.stdout
     snapshot = {k: v for k, v in steps.items() if k not in ("tepo", "ratio_tepo_over_stock", "ratio_without_generation")}
     (out / "partial.json").write_text(json.dumps({**snapshot, "partial": "stopped after stock round 0; results so far"}))
     rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",

@@ -377,3 +377,23 @@ def test_torch_compile_trains_like_eager(tmp_path, monkeypatch):
     off = (comp_w - eager_w).abs()
     assert (off > 1e-5).float().mean().item() < 1e-3, f"{int((off > 1e-5).sum())} of {off.numel()} weights differ"
     assert off.max().item() <= 2 * 1e-2
+
+
+@pytest.mark.slow
+def test_regional_compile_of_an_eval_mode_model_logs_training(tmp_path, monkeypatch):
+    """accelerate's regional compilation (per decoder layer) trains new copies of the model's
+    containers, so a model that arrives in eval mode (as from_pretrained gives it) used to stay
+    `training == False` at the top: TRL and this trainer then took every step for evaluation
+    (eval_-prefixed metrics, an empty metrics.jsonl, no non-finite guard, no accumulation scaling)."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    tr = TEPOTrainer(model=model, reward_funcs=parity_reward, args=small_config(tmp_path / "run", torch_compile=True),
+                     train_dataset=prompt_dataset(), processing_class=tok)
+    before = params(tr.model)
+    tr.train()
+    assert tr.model_wrapped is not tr.model  # the regionally compiled copy
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] is not None and r["entropy_mean"] is not None for r in rows)
+    assert not torch.equal(before, params(tr.model))

@@ -121,6 +121,16 @@ class TEPOTrainer(GRPOTrainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(CompactProgressCallback)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # TRL and this trainer tell training from evaluation by `self.model.training`. Under
+        # accelerate's regional compilation `model` is a new copy of the containers around the
+        # compiled layers, and its train() leaves self.model as it was: in eval mode for a model
+        # from from_pretrained, which would turn every step into an "evaluation" (no metrics rows,
+        # no non-finite guard, no accumulation scaling).
+        if not self.model.training:
+            self.model.train()
+        return super().training_step(model, inputs, num_items_in_batch)
+
     # ------------------------------------------------------------------------------------------
     # rollout
 
