@@ -27,3 +27,9 @@ def exact_length_prompt(tokenizer, text: str, num_tokens: int, filler: str = " t
         s = s[:-1] if n > num_tokens else s + filler
     raise ValueError(f"exact_length_prompt: could not reach {num_tokens} tokens from {text[:40]!r} "
                      f"(now {count(s)}); try another filler than {filler!r}")
+
+
+def fixed_length_rows(tokenizer, problems, num_tokens: int) -> list[dict]:
+    """Dataset rows (prompt, answer, id) for `problems`, each prompt exactly `num_tokens` long."""
+    return [{"prompt": exact_length_prompt(tokenizer, p["problem"], num_tokens), "answer": p["answer"], "id": p["id"]}
+            for p in problems]

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _prompts import exact_length_prompt  # noqa: E402
+from _prompts import fixed_length_rows  # noqa: E402
 from _report import machine, write_section  # noqa: E402
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -93,9 +93,8 @@ def random_model_trainer(batch_size: int, output_dir: str, *, model_config: str,
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     num_prompts = max(1, batch_size // num_generations)
-    rows = []
-    for p in load_task(task="arithmetic", split="train", num_problems=num_prompts * 4, levels=[1, 2]):
-        rows.append({"prompt": exact_length_prompt(tok, p["problem"], prompt_tokens), "answer": p["answer"], "id": p["id"]})
+    problems = load_task(task="arithmetic", split="train", num_problems=num_prompts * 4, levels=[1, 2])
+    rows = fixed_length_rows(tok, problems, prompt_tokens)
     args = TEPOConfig(
         output_dir=output_dir, objective="tepo", per_device_train_batch_size=batch_size,
         num_generations=num_generations, steps_per_generation=1, max_completion_length=completion_tokens,

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _prompts import exact_length_prompt  # noqa: E402
+from _prompts import fixed_length_rows  # noqa: E402
 from _report import machine, write_section  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -90,9 +90,7 @@ def build_dataset(tokenizer, num_prompts: int, prompt_tokens: int | None):
         return to_prompt_dataset(problems)
     from datasets import Dataset
 
-    rows = [{"prompt": exact_length_prompt(tokenizer, p["problem"], prompt_tokens), "answer": p["answer"], "id": p["id"]}
-            for p in problems]
-    return Dataset.from_list(rows)
+    return Dataset.from_list(fixed_length_rows(tokenizer, problems, prompt_tokens))
 
 
 class Probe:

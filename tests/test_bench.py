@@ -21,6 +21,11 @@ def run_gpu_sh(env: dict, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+def render_from_json(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json", str(path), "--no_write"],
+                          capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_gpu_bench_dry_run_as_prepared_for_the_device(tmp_path):
     gpu_dir, out = tmp_path / "gpu", tmp_path / "out"
@@ -49,14 +54,12 @@ def test_gpu_bench_dry_run_as_prepared_for_the_device(tmp_path):
     assert steps["ratio_tepo_over_stock"] > 0 and steps["ratio_without_generation"] > 0
 
     # the section renders from the saved results, and from a snapshot of a run stopped after one trainer
-    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",
-                               str(out / "train_step.json"), "--no_write"], capture_output=True, text=True)
+    rendered = render_from_json(out / "train_step.json")
     assert rendered.returncode == 0 and "**Step-time ratio tepo / stock: " in rendered.stdout, rendered.stderr
     assert "torch.compile: " in rendered.stdout and "torch.compile on, per decoder layer" in rendered.stdout
     snapshot = {k: v for k, v in steps.items() if k not in ("tepo", "ratio_tepo_over_stock", "ratio_without_generation")}
     (out / "partial.json").write_text(json.dumps({**snapshot, "partial": "stopped after stock round 0; results so far"}))
-    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--from_json",
-                               str(out / "partial.json"), "--no_write"], capture_output=True, text=True)
+    rendered = render_from_json(out / "partial.json")
     assert rendered.returncode == 0, rendered.stderr
     assert "Partial run: stopped after stock round 0" in rendered.stdout and "not measured" in rendered.stdout
 
