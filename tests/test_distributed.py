@@ -17,6 +17,7 @@ Run as a script, this file is the worker of the two-process test (see `worker_ma
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import os
@@ -102,6 +103,34 @@ def test_sum_across_processes_single_process():
     total = sum_across_processes(acc, torch.tensor(7.0))
     assert total.dtype == torch.int64 and int(total) == 7
     assert int(sum_across_processes(acc, 3)) == 3
+
+
+@pytest.mark.parametrize("applied", [False, True])
+def test_nonfinite_guard_under_deepspeed_takes_its_verdict(applied):
+    """Under DeepSpeed the step has happened inside backward(): a step DeepSpeed skipped counts as
+    skipped; one it applied from a non-finite loss cannot be undone and raises."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from transformers import TrainerControl, TrainerState
+
+    from tepo.training.callbacks import NonFiniteGuard
+
+    trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), is_deepspeed_enabled=True,
+                              deepspeed=SimpleNamespace(was_step_applied=lambda: applied),
+                              _metrics={"train": defaultdict(list)})
+    guard = NonFiniteGuard(trainer, max_consecutive=3)
+    state, control = TrainerState(), TrainerControl()
+    guard.on_step_begin(None, state, control)
+    guard.observe_loss(torch.tensor(float("nan")))
+    if applied:
+        with pytest.raises(RuntimeError, match="step 1: a process had a non-finite loss and DeepSpeed applied"):
+            guard.on_pre_optimizer_step(None, state, control)
+    else:
+        guard.on_pre_optimizer_step(None, state, control)
+        assert (guard.skipped, guard.consecutive) == (1, 1)
+        assert trainer._metrics["train"]["nonfinite_skipped"] == [1.0]
 
 
 def test_shutdown_distributed_without_a_process_group_is_a_no_op():
@@ -246,10 +275,11 @@ def make_trainer_classes():
     class ScriptedTrainer(TEPOTrainer):
         """Rollouts fixed per (prompt, occurrence); records each micro-batch's returned loss."""
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, poison_steps=(), **kwargs):
             super().__init__(*args, **kwargs)
             self.micro_losses: list[float] = []
             self.micro_tokens: list[int] = []
+            self.poison_steps = set(poison_steps)  # optimiser steps where this process's loss is NaN
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             seen: Counter = Counter()
@@ -266,6 +296,8 @@ def make_trainer_classes():
 
         def _compute_loss(self, model, inputs):
             loss = super()._compute_loss(model, inputs) * self._extra_scale(inputs)
+            if self.model.training and self.state.global_step + 1 in self.poison_steps:
+                loss = loss * float("nan")  # NaN loss, NaN gradients
             if self.model.training:
                 self.micro_losses.append(loss.item())
                 self.micro_tokens.append(int(loss_mask(inputs).sum()))
@@ -280,10 +312,20 @@ def make_trainer_classes():
             return token_mean_scale(self, inputs)
 
     class GradRecorder(TrainerCallback):
+        """Each optimiser step's gradient (not under DeepSpeed), and the weights after it."""
+
         def __init__(self, trainer):
-            self.trainer, self.grads = trainer, []
+            self.trainer, self.grads, self.params_by_step = trainer, [], {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.params_by_step[state.global_step] = flat_params(self.trainer.model)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if self.trainer.is_deepspeed_enabled:
+                # DeepSpeed keeps the gradients in its own (partitioned) buffers, not in p.grad, and has
+                # already stepped inside backward(); the final weights are compared instead.
+                self.grads = None
+                return
             self.grads.append(torch.cat([
                 (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().clone()
                 for p in self.trainer.model.parameters()
@@ -293,7 +335,7 @@ def make_trainer_classes():
 
 
 def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, steps_per_generation, max_steps,
-                 wired=False) -> dict:
+                 wired=False, poison_steps=(), max_nonfinite_steps=3) -> dict:
     """Train the tiny model for max_steps with scripted rollouts; per optimiser step: the gradient
     this process saw, its micro-batch losses and token counts; and the final parameters."""
     from _tiny_llm import parity_reward, tiny_model, tiny_tokenizer
@@ -309,10 +351,10 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         steps_per_generation=steps_per_generation, num_generations=4, max_completion_length=MAX_COMPLETION,
         max_steps=max_steps, learning_rate=LR, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
         use_cpu=True, bf16=False, report_to=[], save_strategy="no", activation_checkpointing=False, seed=0,
-        disable_tqdm=True, stability_monitor=False,
+        disable_tqdm=True, stability_monitor=False, max_nonfinite_steps=max_nonfinite_steps,
     )
     trainer = cls(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
-                  train_dataset=equal_length_prompts(), processing_class=tok)
+                  train_dataset=equal_length_prompts(), processing_class=tok, poison_steps=poison_steps)
     recorder = GradRecorder(trainer)
     trainer.add_callback(recorder)
     trainer.train()
@@ -320,9 +362,33 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         "grads": recorder.grads,
         "micro_losses": trainer.micro_losses,
         "micro_tokens": trainer.micro_tokens,
-        "params": torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()]),
+        "params": flat_params(trainer.model),
+        "params_by_step": recorder.params_by_step,
+        "nonfinite_skipped": trainer.nonfinite_guard.skipped,
+        "stopped_at": trainer.nonfinite_guard.stopped_at,
         "grad_accum": grad_accum,
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
+
+
+def flat_params(model) -> torch.Tensor:
+    """All weights as one vector, whole also under DeepSpeed ZeRO-3 (each process holds a shard)."""
+    from contextlib import nullcontext
+
+    params = list(model.parameters())
+    context = nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params)
+    with context:
+        return torch.cat([p.detach().flatten().clone() for p in params])
+
+
+def run_initial_params() -> torch.Tensor:
+    from _tiny_llm import tiny_model, tiny_tokenizer
+
+    return torch.cat([p.detach().flatten() for p in tiny_model(tiny_tokenizer()).parameters()])
 
 
 def step_losses(runs: list[dict]) -> list[float]:
@@ -334,9 +400,16 @@ def step_losses(runs: list[dict]) -> list[float]:
 
 
 def assert_same_steps(runs: list[dict], reference: dict):
-    assert len(runs[0]["grads"]) == len(reference["grads"]) >= 1
-    for step, (g, g_ref) in enumerate(zip(runs[0]["grads"], reference["grads"])):
-        assert g_ref.abs().max() > 0, "scripted rollouts gave a zero gradient: the test would prove nothing"
+    """Same gradient per optimiser step (where the run recorded it: not under DeepSpeed), same
+    losses, same weights at the end."""
+    assert len(reference["grads"]) >= 1
+    assert all(g.abs().max() > 0 for g in reference["grads"]), "scripted rollouts gave a zero gradient"
+    initial = run_initial_params()
+    assert (reference["params"] - initial).abs().max() > 1e-3, "the reference run did not move the weights"
+    grads = runs[0]["grads"]
+    if grads is not None:
+        assert len(grads) == len(reference["grads"])
+    for step, (g, g_ref) in enumerate(zip(grads or [], reference["grads"])):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6 * float(g_ref.abs().max()),
                                    msg=lambda m, s=step: f"optimiser step {s + 1}: gradients differ\n{m}")
     torch.testing.assert_close(torch.tensor(step_losses(runs)), torch.tensor(step_losses([reference])),
@@ -414,40 +487,99 @@ def _clean_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
-    """One `accelerate launch` of this file as the worker: every variant, two processes, two
-    optimiser steps of 2 processes x 2 micro-batches x 2 completions (one rollout per step)."""
-    out = tmp_path_factory.mktemp("ddp")
-    cmd = accelerate_cmd(CPU_DDP, str(Path(__file__).resolve()), "--out", str(out))
+# The engines two processes train with on this CPU: plain DDP over gloo, and the DeepSpeed ZeRO
+# recipes themselves (recipes/accelerate/deepspeed_zero{2,3}.yaml) with 2 processes and fp32, so
+# that the result can be compared exactly; DeepSpeed picks its CPU accelerator and gloo.
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install 'tepo[deepspeed]')")
+ENGINES = [pytest.param("ddp", id="ddp"),
+           pytest.param("zero2", id="zero2", marks=needs_deepspeed),
+           pytest.param("zero3", id="zero3", marks=needs_deepspeed)]
+ZERO_STAGE = {"ddp": None, "zero2": 2, "zero3": 3}
+
+
+def launch_config(engine: str, tmp: Path) -> Path:
+    """The accelerate config for two processes on this CPU with the given engine."""
+    if engine == "ddp":
+        return CPU_DDP
+    import yaml
+
+    config = yaml.safe_load((ACCELERATE_RECIPES / f"deepspeed_{engine}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no")
+    path = tmp / f"{engine}-2proc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def two_process_runs(request, tmp_path_factory):
+    """One `accelerate launch` of this file as the worker, per engine: every variant, two processes,
+    two optimiser steps of 2 processes x 2 micro-batches x 2 completions (one rollout per step)."""
+    engine = request.param
+    out = tmp_path_factory.mktemp(engine)
+    cmd = accelerate_cmd(launch_config(engine, out), str(Path(__file__).resolve()), "--out", str(out))
     proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return out
+    return engine, out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vid, objective, hp, wired", _variant_params())
 def test_two_processes_match_one_process(two_process_runs, tmp_path_factory, vid, objective, hp, wired):
-    runs = [torch.load(two_process_runs / f"{vid}-rank{r}.pt") for r in range(2)]
-    torch.testing.assert_close(runs[0]["grads"][0], runs[1]["grads"][0])  # DDP: one gradient on every rank
+    engine, out = two_process_runs
+    runs = [torch.load(out / f"{vid}-rank{r}.pt") for r in range(2)]
+    assert [r["zero_stage"] for r in runs] == [ZERO_STAGE[engine]] * 2, "the launch did not run the engine asked for"
+    if engine == "ddp":
+        torch.testing.assert_close(runs[0]["grads"][0], runs[1]["grads"][0])  # DDP: one gradient on every rank
+    else:
+        assert runs[0]["grads"] is None  # DeepSpeed's gradients are not in p.grad; the weights are compared
     tokens = [sum(r["micro_tokens"][:2]) for r in runs]
     assert tokens[0] != tokens[1], "both processes hold equal token counts: the test would prove little"
     ref = reference_run(tmp_path_factory.mktemp("ref"), objective, hp, wired, steps_per_generation=1, max_steps=2)
     assert_same_steps(runs, ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nonfinite_loss_on_one_process_is_skipped_by_all(tmp_path, engine):
+    """Process 0 alone gets a NaN loss at optimiser steps 2 and 3 (max_nonfinite_steps=2): every
+    process skips both updates, counts them and stops after step 3. A process that counted alone
+    would stop alone and leave the others waiting forever (DeepSpeed keeps the gradients out of
+    p.grad, so there the guard takes DeepSpeed's own verdict)."""
+    cmd = accelerate_cmd(launch_config(engine, tmp_path), str(Path(__file__).resolve()), "--out", str(tmp_path),
+                         "--nonfinite")
+    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    initial = run_initial_params()
+    for rank in (0, 1):
+        run = torch.load(tmp_path / f"nonfinite-rank{rank}.pt")
+        assert (run["nonfinite_skipped"], run["stopped_at"]) == (2, 3), f"process {rank}"
+        after = run["params_by_step"]
+        assert sorted(after) == [1, 2, 3]
+        assert (after[1] - initial).abs().max() > 1e-3, "step 1 did not train"
+        assert torch.equal(after[1], after[2]) and torch.equal(after[2], after[3]), f"process {rank}: a NaN step moved the weights"
+        assert torch.isfinite(after[3]).all()
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """Worker of `two_process_runs`: each process trains every variant, then writes its record."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--nonfinite", action="store_true", help="the non-finite guard's scenario instead")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
-    for vid, objective, hp, wired in VARIANTS:
-        run = run_scripted(out / f"run-{vid}", objective=objective, hparams=hp, per_device=2, grad_accum=2,
-                           steps_per_generation=2, max_steps=2, wired=wired)
-        torch.save(run, out / f"{vid}-rank{rank}.pt")
+    if args.nonfinite:
+        run = run_scripted(out / "run-nonfinite", objective="tepo", hparams=VARIANTS[1][2], per_device=2, grad_accum=2,
+                           steps_per_generation=2, max_steps=4, poison_steps={2, 3} if rank == 0 else (),
+                           max_nonfinite_steps=2)
+        torch.save(run, out / f"nonfinite-rank{rank}.pt")
+    else:
+        for vid, objective, hp, wired in VARIANTS:
+            run = run_scripted(out / f"run-{vid}", objective=objective, hparams=hp, per_device=2, grad_accum=2,
+                               steps_per_generation=2, max_steps=2, wired=wired)
+            torch.save(run, out / f"{vid}-rank{rank}.pt")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     shutdown_distributed()
@@ -511,8 +643,13 @@ CLI_CLOSES_PROCESS_GROUP = "shutdown_distributed" in inspect.getsource(_cli_modu
     reason="tepo train does not yet call tepo.training.distributed.shutdown_distributed() when it ends: "
     "about 1 in 5 two-process gloo runs then abort at exit (exit code -6) after finishing their work",
 )
-def test_tepo_train_two_processes_cli(tmp_path):
-    """`accelerate launch --config_file recipes/accelerate/cpu_ddp_2proc.yaml --no_python tepo train`."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tepo_train_two_processes_cli(tmp_path, engine):
+    """`accelerate launch --config_file recipes/accelerate/<config> --no_python tepo train`, held-out
+    evaluation before, during and after training included (under ZeRO-3 every process holds only a
+    shard of each weight, from loading on); process 0 alone writes the files and the summary."""
+    from safetensors.torch import load_file
+
     from _tiny_llm import save_tiny
 
     model = save_tiny(tmp_path / "tiny")
@@ -520,8 +657,9 @@ def test_tepo_train_two_processes_cli(tmp_path):
     if not tepo_bin.exists():
         pytest.skip(f"no tepo console script next to {sys.executable} (install the package)")
     out = tmp_path / "run"
-    cmd = accelerate_cmd(CPU_DDP, "--no_python", str(tepo_bin), "train", "--model", str(model),
-                         "--task", "arithmetic", "--num_problems", "32", "--heldout_eval", "false",
+    cmd = accelerate_cmd(launch_config(engine, tmp_path), "--no_python", str(tepo_bin), "train", "--model", str(model),
+                         "--task", "arithmetic", "--num_problems", "32", "--heldout_num_problems", "4",
+                         "--heldout_eval_steps", "1", "--heldout_max_new_tokens", "4",
                          "--objective", "tepo", "--per_device_train_batch_size", "4", "--num_generations", "4",
                          "--max_completion_length", "8", "--max_steps", "2", "--output_dir", str(out),
                          "--save_strategy", "no", "--report_to", "none", "--bf16", "false")
@@ -529,9 +667,16 @@ def test_tepo_train_two_processes_cli(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["heldout_accuracy"] is not None for r in rows)
+    assert json.loads((out / "eval_before.json").read_text())["num_problems"] == 4
+    assert json.loads((out / "eval_after.json").read_text())["step"] == 2
+    assert proc.stdout.count("tepo train: done") == 1, proc.stdout
+    assert proc.stderr.count("held-out greedy accuracy before training") == 1
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["per_device_train_batch_size"] == 4
-    assert (out / "model.safetensors").exists()
+    saved, initial = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
+    # whole weights, not one process's shards (ZeRO-2 also writes the tied lm_head.weight out)
+    assert {k: saved[k].shape for k in initial} == {k: v.shape for k, v in initial.items()}
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ class NonFiniteGuard(TrainerCallback):
     moments alone. `nonfinite_skipped` (a running count) is logged every step. After
     `max_consecutive` skipped steps in a row, training stops and a checkpoint of the (still
     finite) weights is saved; `stopped_at` / `message` say so.
+
+    Under DeepSpeed the engine has already stepped inside `backward()` and keeps the gradients out
+    of `p.grad`: there the verdict is DeepSpeed's own (it skips a step whose gradient norm is not
+    finite, agreed over all processes), so that every process counts, and stops, alike. An update
+    DeepSpeed applied although some process's loss was not finite (its overflow check turned off)
+    cannot be undone: that raises.
     """
 
     def __init__(self, trainer, max_consecutive: int):
@@ -127,17 +133,21 @@ class NonFiniteGuard(TrainerCallback):
         self._loss_nonfinite = False
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model = model if model is not None else self.trainer.model
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        finite = not self._loss_nonfinite
-        if finite and grads:
-            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-            finite = bool(torch.isfinite(total))
+        if self.trainer.is_deepspeed_enabled:
+            finite = self._deepspeed_step_applied(state.global_step + 1)
+        else:
+            model = model if model is not None else self.trainer.model
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = not self._loss_nonfinite
+            if finite and grads:
+                total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+                finite = bool(torch.isfinite(total))
+            if not finite:
+                for p in model.parameters():
+                    p.grad = None
         if finite:
             self.consecutive = 0
         else:
-            for p in model.parameters():
-                p.grad = None
             self.skipped += 1
             self.consecutive += 1
             step = state.global_step + 1
@@ -147,6 +157,19 @@ class NonFiniteGuard(TrainerCallback):
             )
         _record(self.trainer, "nonfinite_skipped", self.skipped)
         return control
+
+    def _deepspeed_step_applied(self, step: int) -> bool:
+        accelerator = self.trainer.accelerator
+        flag = torch.tensor(float(self._loss_nonfinite), device=accelerator.device)
+        loss_nonfinite_somewhere = bool(accelerator.reduce(flag, reduction="sum") > 0)
+        applied = self.trainer.deepspeed.was_step_applied()
+        if applied and loss_nonfinite_somewhere:
+            raise RuntimeError(
+                f"step {step}: a process had a non-finite loss and DeepSpeed applied the update anyway, so the "
+                "weights may no longer be finite. Keep DeepSpeed's overflow check on (bf16.check_grad_overflow: true, "
+                "its default) so that it skips such steps, and resume from the last checkpoint"
+            )
+        return applied
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.consecutive >= self.max_consecutive and self.stopped_at is None:
@@ -162,6 +185,22 @@ class NonFiniteGuard(TrainerCallback):
         return control
 
 
+def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy accuracy of the trainer's current weights, on every process.
+
+    Through TRL's `unwrap_model_for_generation`, as TRL's own rollouts: under DeepSpeed ZeRO-3 each
+    process holds only a shard of every weight (from loading on, before the engine exists), so the
+    weights are gathered for the evaluation - a collective step, hence on every process - and
+    gradient checkpointing is off while generating."""
+    from trl.models.utils import unwrap_model_for_generation
+
+    from tepo.evaluation.runner import greedy_accuracy
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        return greedy_accuracy((model, trainer.processing_class), list(problems),
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
 class HeldoutEvalCallback(TrainerCallback):
     """Greedy accuracy on held-out problems every `every` optimiser steps, logged as heldout_accuracy."""
 
@@ -174,13 +213,8 @@ class HeldoutEvalCallback(TrainerCallback):
         self.results: dict[int, dict] = {}
 
     def evaluate(self) -> dict:
-        from tepo.evaluation.runner import greedy_accuracy
-
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return greedy_accuracy(
-            (model, self.trainer.processing_class), self.problems,
-            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-        )
+        return heldout_greedy_accuracy(self.trainer, self.problems, max_new_tokens=self.max_new_tokens,
+                                       batch_size=self.batch_size)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and self.problems and state.global_step % self.every == 0:

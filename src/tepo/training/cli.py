@@ -71,6 +71,17 @@ def _given(argv: list[str], name: str) -> bool:
     return False
 
 
+def _is_main_process() -> bool:
+    """Process 0 of a launch (torchrun and accelerate set RANK), or a single process. Only it writes
+    the run's files and prints progress: the others would race it on the same paths."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(message, file=sys.stderr)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -93,7 +104,7 @@ def parse(argv: list[str]):
         TrlParser((TrainScriptArguments, TEPOConfig), prog="tepo train").parse_args_and_config(argv)
     if not _given(argv, "use_cpu") and not _cuda_available():
         # transformers refuses bf16 on a machine without a GPU unless use_cpu is set
-        print("tepo train: no GPU found, training on CPU (use_cpu=true)", file=sys.stderr)
+        _say("tepo train: no GPU found, training on CPU (use_cpu=true)")
         argv = [*argv, "--use_cpu", "true"]
     if not _given(argv, "output_dir"):
         raise ValueError("--output_dir is required (where metrics.jsonl, checkpoints and the model go)")
@@ -150,7 +161,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if str(value).lower() in ("true", "yes", "1"):
         found = last_complete_checkpoint(output_dir)
         if found is None:
-            print(f"tepo train: no checkpoint in {output_dir} yet; starting from scratch", file=sys.stderr)
+            _say(f"tepo train: no checkpoint in {output_dir} yet; starting from scratch")
         return found
     if not os.path.isfile(os.path.join(value, "trainer_state.json")):
         raise ValueError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no trainer_state.json)")
@@ -168,10 +179,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def heldout_eval(trainer, problems: list[dict], *, max_new_tokens: int, batch_size: int, step: int) -> dict:
-    from tepo.evaluation.runner import greedy_accuracy
+    from tepo.training.callbacks import heldout_greedy_accuracy
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    result = greedy_accuracy((model, trainer.processing_class), problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = heldout_greedy_accuracy(trainer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return {"step": step, "max_new_tokens": max_new_tokens, **result}
 
 
@@ -218,17 +228,19 @@ def _train(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(script.model)
     dataset = to_prompt_dataset(train_problems)
-    _write_json(out / "run.json", {
-        "command": "tepo train " + " ".join(argv),
-        "model": model_path,
-        "script": asdict(script),
-        "objective": summarize_hparams(config),
-        "num_train_problems": len(train_problems),
-        "num_heldout_problems": len(heldout) if heldout else 0,
-        "config": config.to_dict(),
-    })
-    print(f"tepo train: {config.objective} on {len(train_problems)} problems, model {model_path}, "
-          f"{config.max_steps} steps -> {out}", file=sys.stderr)
+    main = _is_main_process()
+    if main:
+        _write_json(out / "run.json", {
+            "command": "tepo train " + " ".join(argv),
+            "model": model_path,
+            "script": asdict(script),
+            "objective": summarize_hparams(config),
+            "num_train_problems": len(train_problems),
+            "num_heldout_problems": len(heldout) if heldout else 0,
+            "config": config.to_dict(),
+        })
+    _say(f"tepo train: {config.objective} on {len(train_problems)} problems, model {model_path}, "
+         f"{config.max_steps} steps -> {out}")
 
     # In-training evaluations use the batches of the ones before and after: in bf16, another batch size
     # (other padding) alone flips a few greedy answers, and the curve's last point must equal the table's.
@@ -241,15 +253,17 @@ def _train(argv: list[str]) -> int:
         if resume and (out / "eval_before.json").exists():
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            print(f"tepo train: held-out greedy accuracy before training ({len(heldout)} problems)...", file=sys.stderr)
+            # Every process evaluates (under ZeRO-3 gathering the weights is collective); process 0 writes.
+            _say(f"tepo train: held-out greedy accuracy before training ({len(heldout)} problems)...")
             before = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=0)
-            _write_json(out / "eval_before.json", before)
-            print(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}", file=sys.stderr)
+            if main:
+                _write_json(out / "eval_before.json", before)
+            _say(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}")
 
     train_started = time.perf_counter()
     done = resume is not None and _checkpoint_step(resume) >= config.max_steps > 0
     if done:  # transformers would run one more step past max_steps when resumed at the end
-        print(f"tepo train: {resume} is already at max_steps={config.max_steps}; nothing to train", file=sys.stderr)
+        _say(f"tepo train: {resume} is already at max_steps={config.max_steps}; nothing to train")
         trainer.state.global_step = _checkpoint_step(resume)
         trainer._load_from_checkpoint(resume)
     else:
@@ -268,9 +282,10 @@ def _train(argv: list[str]) -> int:
         if done_in_training is not None:  # the last in-training evaluation was of these very weights
             after = {"step": step, "max_new_tokens": max_new, **done_in_training}
         else:
-            print("tepo train: held-out greedy accuracy after training...", file=sys.stderr)
+            _say("tepo train: held-out greedy accuracy after training...")
             after = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=step)
-        _write_json(out / "eval_after.json", after)
+        if main:
+            _write_json(out / "eval_after.json", after)
 
     rows = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
     first, last = _reward_first_last(rows)
@@ -293,7 +308,8 @@ def _train(argv: list[str]) -> int:
     if monitor is not None and monitor.monitor.active():
         lines.append(f"  stability monitor  {', '.join(monitor.monitor.active())} (see monitor.json)")
     lines.append(f"  outputs            {out}/ (metrics.jsonl, eval_*.json, model)")
-    print("\n".join(lines))
+    if main:
+        print("\n".join(lines))
     return EXIT_OK
 
 
