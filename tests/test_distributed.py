@@ -499,12 +499,13 @@ ZERO_STAGE = {"ddp": None, "zero2": 2, "zero3": 3}
 
 
 def launch_config(engine: str, tmp: Path) -> Path:
-    """The accelerate config for two processes on this CPU with the given engine."""
+    """The accelerate config for two processes on this CPU with the given engine (or "fsdp")."""
     if engine == "ddp":
         return CPU_DDP
     import yaml
 
-    config = yaml.safe_load((ACCELERATE_RECIPES / f"deepspeed_{engine}.yaml").read_text())
+    recipe = "fsdp.yaml" if engine == "fsdp" else f"deepspeed_{engine}.yaml"
+    config = yaml.safe_load((ACCELERATE_RECIPES / recipe).read_text())
     config.update(num_processes=2, mixed_precision="no")
     path = tmp / f"{engine}-2proc.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -560,6 +561,24 @@ def test_nonfinite_loss_on_one_process_is_skipped_by_all(tmp_path, engine):
         assert (after[1] - initial).abs().max() > 1e-3, "step 1 did not train"
         assert torch.equal(after[1], after[2]) and torch.equal(after[2], after[3]), f"process {rank}: a NaN step moved the weights"
         assert torch.isfinite(after[3]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the FSDP recipe does set up FSDP")
+def test_fsdp_config_without_gpus_is_refused(tmp_path):
+    """On a CPU accelerate sets up no distributed training for an FSDP config (with use_cpu false):
+    the two processes would each train alone into one output_dir. tepo train refuses, before
+    writing anything."""
+    from _tiny_llm import save_tiny, tiny_train_argv
+
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "run"
+    cmd = accelerate_cmd(launch_config("fsdp", tmp_path), "--no_python", str(Path(sys.executable).parent / "tepo"), "train",
+                         *tiny_train_argv(model, out, use_cpu="false", bf16="false"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "launched as 2 processes (WORLD_SIZE=2), but accelerate set up no distributed training" in proc.stderr
+    assert not out.exists()
 
 
 def worker_main(argv: list[str] | None = None) -> int:

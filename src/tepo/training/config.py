@@ -210,6 +210,14 @@ class TEPOConfig(GRPOConfig):
                 f"per_device_train_batch_size x processes x steps_per_generation = {self.generation_batch_size} "
                 f"is not divisible by num_generations={self.num_generations}"
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size == 1:
+            raise ValueError(
+                f"launched as {launched} processes (WORLD_SIZE={launched}), but accelerate set up no distributed "
+                "training for them: each would train alone and write to the same output_dir. This happens with an "
+                "FSDP config on a machine without GPUs; there, use recipes/accelerate/cpu_ddp_2proc.yaml or a "
+                "DeepSpeed recipe (docs/scaling.md)"
+            )
         if self.dynamic_sampling and self.world_size > 1:
             raise ValueError(
                 f"dynamic_sampling=True supports one process only (this run has {self.world_size}); "
