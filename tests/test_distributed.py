@@ -133,6 +133,34 @@ def test_nonfinite_guard_under_deepspeed_takes_its_verdict(applied):
         assert trainer._metrics["train"]["nonfinite_skipped"] == [1.0]
 
 
+@pytest.mark.parametrize("num, world", [(5, 2), (7, 3), (1, 2), (4, 4)])
+def test_strided_heldout_results_merge_into_the_whole(num, world):
+    """Process r evaluates problems[r::W]; the merge gives the result of evaluating them all."""
+    from tepo.training.callbacks import merge_strided_results
+
+    def result(ids):  # what greedy_accuracy returns, from per-problem outcomes fixed by the id
+        ids = list(ids)
+        verdicts = [i % 3 == 0 for i in ids]
+        answers = [None if i % 4 == 1 else str(i) for i in ids]
+        tokens = [10 + i for i in ids]
+        return {"accuracy": sum(verdicts) / len(ids), "correct": sum(verdicts), "num_problems": len(ids),
+                "ids": [str(i) for i in ids], "verdicts": verdicts, "answers": answers,
+                "no_answer": answers.count(None), "truncated": sum(t > 13 for t in tokens),
+                "mean_completion_tokens": sum(tokens) / len(ids), "generate_s": 1.0 + len(ids), "verify_s": 0.5}
+
+    whole = result(range(num))
+    parts = [result(range(r, num, world)) if r < num else None for r in range(world)]
+    merged = merge_strided_results(parts)
+    assert merged.keys() == whole.keys()
+    for key in whole:
+        if key == "generate_s":  # processes run side by side: the slowest one's time
+            assert merged[key] == max(p[key] for p in parts if p)
+        elif key == "mean_completion_tokens":
+            assert merged[key] == pytest.approx(whole[key], rel=1e-12)
+        else:
+            assert merged[key] == whole[key], key
+
+
 def test_shutdown_distributed_without_a_process_group_is_a_no_op():
     shutdown_distributed()
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -656,6 +684,12 @@ def test_vllm_recipes_parse_into_tepo_config(name, tmp_path):
 CLI_CLOSES_PROCESS_GROUP = "shutdown_distributed" in inspect.getsource(_cli_module)
 
 
+def heldout_problems_of(out: Path) -> list[dict]:
+    """The held-out problems of the `tepo train` run in `out`, loaded as it loaded them."""
+    script = _cli_module.TrainScriptArguments(**json.loads((out / "run.json").read_text())["script"])
+    return _cli_module.load_problems(script)[1]
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
     not CLI_CLOSES_PROCESS_GROUP, strict=False,
@@ -687,7 +721,9 @@ def test_tepo_train_two_processes_cli(tmp_path, engine):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["heldout_accuracy"] is not None for r in rows)
-    assert json.loads((out / "eval_before.json").read_text())["num_problems"] == 4
+    before = json.loads((out / "eval_before.json").read_text())
+    assert before["num_problems"] == 4 and len(before["verdicts"]) == 4  # each process did 2, merged
+    assert before["ids"] == [p["id"] for p in heldout_problems_of(out)]
     assert json.loads((out / "eval_after.json").read_text())["step"] == 2
     assert proc.stdout.count("tepo train: done") == 1, proc.stdout
     assert proc.stderr.count("held-out greedy accuracy before training") == 1

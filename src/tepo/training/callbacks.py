@@ -186,19 +186,51 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens: int, batch_size: int) -> dict:
-    """Greedy accuracy of the trainer's current weights, on every process.
+    """Greedy accuracy of the trainer's current weights; called on every process.
 
+    Process r of W generates for problems[r::W] only, and every process gets the merged result.
     Through TRL's `unwrap_model_for_generation`, as TRL's own rollouts: under DeepSpeed ZeRO-3 each
     process holds only a shard of every weight (from loading on, before the engine exists), so the
     weights are gathered for the evaluation - a collective step, hence on every process - and
     gradient checkpointing is off while generating."""
+    from accelerate.utils import gather_object
     from trl.models.utils import unwrap_model_for_generation
 
     from tepo.evaluation.runner import greedy_accuracy
 
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-        return greedy_accuracy((model, trainer.processing_class), list(problems),
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    accelerator = trainer.accelerator
+    mine = list(problems)[accelerator.process_index::accelerator.num_processes]
+    with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
+        part = greedy_accuracy((model, trainer.processing_class), mine, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size) if mine else None
+    if accelerator.num_processes == 1:
+        return part
+    return merge_strided_results(gather_object([part]))
+
+
+def merge_strided_results(parts: Sequence[dict | None]) -> dict:
+    """One `greedy_accuracy` result from W results of problems[r::W] (r = 0..W-1; None: no problems),
+    per-problem lists back in the problems' order."""
+    world = len(parts)
+    lists = {key: [] for key in ("ids", "verdicts", "answers")}
+    for i in range(sum(len(p["ids"]) for p in parts if p)):
+        part = parts[i % world]
+        for key, values in lists.items():
+            values.append(part[key][i // world])
+    parts = [p for p in parts if p]
+    num = len(lists["ids"])
+    correct = sum(p["correct"] for p in parts)
+    return {
+        "accuracy": correct / num,
+        "correct": correct,
+        "num_problems": num,
+        **lists,
+        "no_answer": sum(p["no_answer"] for p in parts),
+        "truncated": sum(p["truncated"] for p in parts),
+        "mean_completion_tokens": sum(p["mean_completion_tokens"] * p["num_problems"] for p in parts) / num,
+        "generate_s": max(p["generate_s"] for p in parts),
+        "verify_s": max(p["verify_s"] for p in parts),
+    }
 
 
 class HeldoutEvalCallback(TrainerCallback):
