@@ -6,10 +6,12 @@
 2. TEPOTrainer end to end, with scripted rollouts (completions fixed per prompt, of uneven
    lengths), SGD and no gradient clipping, so that the gradient of each optimiser step can be
    compared: one process with k = 2 accumulated micro-batches, and two processes launched by
-   `accelerate launch --config_file recipes/accelerate/cpu_ddp_2proc.yaml` (gloo), against one
-   process with the whole batch.
-3. `accelerate launch ... --no_python tepo train` trains a tiny model with two processes; the
-   accelerate recipes parse and accelerate accepts them.
+   `accelerate launch` (recipes/accelerate/cpu_ddp_2proc.yaml, and the DeepSpeed ZeRO-2/3 recipes
+   on the CPU), against one process with the whole batch; and the non-finite guard with a NaN loss
+   on one process only.
+3. `accelerate launch ... --no_python tepo train` trains a tiny model with two processes (DDP,
+   ZeRO-2, ZeRO-3); an FSDP launch without GPUs is refused; the accelerate recipes parse and
+   accelerate accepts them.
 
 Run as a script, this file is the worker of the two-process test (see `worker_main`).
 """
@@ -365,7 +367,9 @@ def make_trainer_classes():
 def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, steps_per_generation, max_steps,
                  wired=False, poison_steps=(), max_nonfinite_steps=3) -> dict:
     """Train the tiny model for max_steps with scripted rollouts; per optimiser step: the gradient
-    this process saw, its micro-batch losses and token counts; and the final parameters."""
+    this process saw (None under DeepSpeed), its micro-batch losses and token counts, the weights
+    after it; the final weights, the non-finite guard's counts and the ZeRO stage (None: no DeepSpeed).
+    `poison_steps`: optimiser steps where this process's loss is NaN."""
     from _tiny_llm import parity_reward, tiny_model, tiny_tokenizer
 
     from tepo.training import TEPOConfig
@@ -610,7 +614,8 @@ def test_fsdp_config_without_gpus_is_refused(tmp_path):
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    """Worker of `two_process_runs`: each process trains every variant, then writes its record."""
+    """Worker of `two_process_runs` (each process trains every variant, then writes its record), or
+    with --nonfinite of `test_nonfinite_loss_on_one_process_is_skipped_by_all`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--nonfinite", action="store_true", help="the non-finite guard's scenario instead")
