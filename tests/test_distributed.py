@@ -365,11 +365,13 @@ def make_trainer_classes():
 
 
 def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, steps_per_generation, max_steps,
-                 wired=False, poison_steps=(), max_nonfinite_steps=3) -> dict:
+                 wired=False, poison_steps=(), max_nonfinite_steps=3, optim="sgd", save_steps=None,
+                 resume=None) -> dict:
     """Train the tiny model for max_steps with scripted rollouts; per optimiser step: the gradient
     this process saw (None under DeepSpeed), its micro-batch losses and token counts, the weights
     after it; the final weights, the non-finite guard's counts and the ZeRO stage (None: no DeepSpeed).
-    `poison_steps`: optimiser steps where this process's loss is NaN."""
+    `poison_steps`: optimiser steps where this process's loss is NaN. `save_steps`: save a checkpoint
+    every so many steps; `resume`: the checkpoint to resume from."""
     from _tiny_llm import parity_reward, tiny_model, tiny_tokenizer
 
     from tepo.training import TEPOConfig
@@ -381,15 +383,16 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         output_dir=str(output_dir), objective=objective, **hparams,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=grad_accum,
         steps_per_generation=steps_per_generation, num_generations=4, max_completion_length=MAX_COMPLETION,
-        max_steps=max_steps, learning_rate=LR, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-        use_cpu=True, bf16=False, report_to=[], save_strategy="no", activation_checkpointing=False, seed=0,
+        max_steps=max_steps, learning_rate=LR, optim=optim, max_grad_norm=0.0, lr_scheduler_type="constant",
+        use_cpu=True, bf16=False, report_to=[], activation_checkpointing=False, seed=0,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         disable_tqdm=True, stability_monitor=False, max_nonfinite_steps=max_nonfinite_steps,
     )
     trainer = cls(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
                   train_dataset=equal_length_prompts(), processing_class=tok, poison_steps=poison_steps)
     recorder = GradRecorder(trainer)
     trainer.add_callback(recorder)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return {
         "grads": recorder.grads,
         "micro_losses": trainer.micro_losses,
@@ -596,6 +599,25 @@ def test_nonfinite_loss_on_one_process_is_skipped_by_all(tmp_path, engine):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_continues_as_if_never_stopped(tmp_path, engine):
+    """Two processes, AdamW: 2 steps, a checkpoint, a new trainer resuming from it for 2 more steps
+    end on the weights of 4 steps in one go (DeepSpeed saves and loads its own sharded optimiser
+    state; its checkpoint goes through TEPOTrainer's staged, renamed save as well)."""
+    cmd = accelerate_cmd(launch_config(engine, tmp_path), str(Path(__file__).resolve()), "--out", str(tmp_path),
+                         "--resume")
+    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    for rank in (0, 1):
+        runs = torch.load(tmp_path / f"resume-rank{rank}.pt")
+        straight, resumed = runs["straight"], runs["resumed"]
+        assert sorted(resumed["params_by_step"]) == [3, 4], "the resumed trainer did not start at step 3"
+        assert (straight["params_by_step"][4] - straight["params_by_step"][2]).abs().max() > 1e-3
+        torch.testing.assert_close(resumed["params"], straight["params"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(resumed["micro_losses"], straight["micro_losses"][-len(resumed["micro_losses"]):])
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the FSDP recipe does set up FSDP")
 def test_fsdp_config_without_gpus_is_refused(tmp_path):
     """On a CPU accelerate sets up no distributed training for an FSDP config (with use_cpu false):
@@ -619,10 +641,18 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--nonfinite", action="store_true", help="the non-finite guard's scenario instead")
+    parser.add_argument("--resume", action="store_true", help="the resume scenario instead")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
-    if args.nonfinite:
+    if args.resume:
+        common = dict(objective="tepo", hparams=VARIANTS[1][2], per_device=2, grad_accum=2, steps_per_generation=2,
+                      optim="adamw_torch", max_steps=4)
+        straight = run_scripted(out / "straight", **common)
+        run_scripted(out / "interrupted", **{**common, "max_steps": 2}, save_steps=2)
+        resumed = run_scripted(out / "interrupted", **common, resume=str(out / "interrupted" / "checkpoint-2"))
+        torch.save({"straight": straight, "resumed": resumed}, out / f"resume-rank{rank}.pt")
+    elif args.nonfinite:
         run = run_scripted(out / "run-nonfinite", objective="tepo", hparams=VARIANTS[1][2], per_device=2, grad_accum=2,
                            steps_per_generation=2, max_steps=4, poison_steps={2, 3} if rank == 0 else (),
                            max_nonfinite_steps=2)
