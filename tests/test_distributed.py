@@ -423,7 +423,7 @@ def flat_params(model) -> torch.Tensor:
 def run_initial_params() -> torch.Tensor:
     from _tiny_llm import tiny_model, tiny_tokenizer
 
-    return torch.cat([p.detach().flatten() for p in tiny_model(tiny_tokenizer()).parameters()])
+    return flat_params(tiny_model(tiny_tokenizer()))
 
 
 def step_losses(runs: list[dict]) -> list[float]:
@@ -547,16 +547,22 @@ def launch_config(engine: str, tmp: Path) -> Path:
     return path
 
 
+def launch_worker(engine: str, out: Path, *flags: str, timeout: int = 900) -> None:
+    """`accelerate launch` this file as the worker (see `worker_main`) on two processes with `engine`;
+    the test fails if the launch does."""
+    cmd = accelerate_cmd(launch_config(engine, out), str(Path(__file__).resolve()), "--out", str(out), *flags)
+    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def two_process_runs(request, tmp_path_factory):
     """One `accelerate launch` of this file as the worker, per engine: every variant, two processes,
     two optimiser steps of 2 processes x 2 micro-batches x 2 completions (one rollout per step)."""
     engine = request.param
     out = tmp_path_factory.mktemp(engine)
-    cmd = accelerate_cmd(launch_config(engine, out), str(Path(__file__).resolve()), "--out", str(out))
-    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"accelerate launch failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    launch_worker(engine, out)
     return engine, out
 
 
@@ -583,10 +589,7 @@ def test_nonfinite_loss_on_one_process_is_skipped_by_all(tmp_path, engine):
     process skips both updates, counts them and stops after step 3. A process that counted alone
     would stop alone and leave the others waiting forever (DeepSpeed keeps the gradients out of
     p.grad, so there the guard takes DeepSpeed's own verdict)."""
-    cmd = accelerate_cmd(launch_config(engine, tmp_path), str(Path(__file__).resolve()), "--out", str(tmp_path),
-                         "--nonfinite")
-    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch_worker(engine, tmp_path, "--nonfinite", timeout=600)
     initial = run_initial_params()
     for rank in (0, 1):
         run = torch.load(tmp_path / f"nonfinite-rank{rank}.pt")
@@ -604,10 +607,7 @@ def test_resume_continues_as_if_never_stopped(tmp_path, engine):
     """Two processes, AdamW: 2 steps, a checkpoint, a new trainer resuming from it for 2 more steps
     end on the weights of 4 steps in one go (DeepSpeed saves and loads its own sharded optimiser
     state; its checkpoint goes through TEPOTrainer's staged, renamed save as well)."""
-    cmd = accelerate_cmd(launch_config(engine, tmp_path), str(Path(__file__).resolve()), "--out", str(tmp_path),
-                         "--resume")
-    proc = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch_worker(engine, tmp_path, "--resume", timeout=600)
     for rank in (0, 1):
         runs = torch.load(tmp_path / f"resume-rank{rank}.pt")
         straight, resumed = runs["straight"], runs["resumed"]

@@ -253,7 +253,8 @@ def _train(argv: list[str]) -> int:
         if resume and (out / "eval_before.json").exists():
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            # Every process evaluates (under ZeRO-3 gathering the weights is collective); process 0 writes.
+            # Every process takes part (its share of the problems; under ZeRO-3 gathering the weights is
+            # collective); process 0 writes.
             _say(f"tepo train: held-out greedy accuracy before training ({len(heldout)} problems)...")
             before = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=0)
             if main:
