@@ -396,6 +396,7 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
     return {
         "grads": recorder.grads,
         "micro_losses": trainer.micro_losses,
+        "logged_losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
         "micro_tokens": trainer.micro_tokens,
         "params": flat_params(trainer.model),
         "params_by_step": recorder.params_by_step,
@@ -451,6 +452,9 @@ def assert_same_steps(runs: list[dict], reference: dict):
                                rtol=1e-5, atol=1e-7)
     for r in runs:
         torch.testing.assert_close(r["params"], reference["params"], rtol=1e-5, atol=1e-7)
+        # the logged loss is the step's objective on every process, not this process's share
+        torch.testing.assert_close(torch.tensor(r["logged_losses"]), torch.tensor(reference["logged_losses"]),
+                                   rtol=1e-5, atol=1e-7)
 
 
 # Variants: (id, objective, hparams, wired). grpo aggregates per sequence (exact already); tepo with

@@ -312,14 +312,19 @@ class TEPOTrainer(GRPOTrainer):
         if mode == "train":
             self.nonfinite_guard.observe_loss(loss)
             self._tokens_in_step += int(attention_mask.sum())
-            # The step's loss as logged: the mean of its micro-batch losses, NaN kept as NaN (TRL's
-            # log turns it into null). It replaces transformers' running "loss", which its
-            # logging_nan_inf_filter would fill in with an average of earlier steps.
-            self._metrics[mode]["loss"].append(loss.item())
-            for name, value in self._rollout_metrics.items():
-                self._metrics[mode][name].append(value)
             if self._token_mean:  # exact token-mean over the whole optimiser step (collective: every rank calls it)
                 loss = loss * token_mean_scale(self, inputs)
+            # The step's loss as logged: the objective of the whole optimiser step, i.e. the mean over
+            # ranks and micro-batches of these (token-mean losses are rescaled above, so a micro-batch
+            # with few tokens does not count for more), NaN kept as NaN (TRL's log turns it into null).
+            # It replaces transformers' running "loss", which its logging_nan_inf_filter would fill in
+            # with an average of earlier steps. The gather is collective, like token_mean_scale.
+            step_share = loss.detach()
+            if self.accelerator.num_processes > 1:
+                step_share = self.accelerator.gather(step_share.reshape(1)).mean()
+            self._metrics[mode]["loss"].append(step_share.item())
+            for name, value in self._rollout_metrics.items():
+                self._metrics[mode][name].append(value)
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
         self._log_loss_metrics(mode, out.metrics)
         return loss
