@@ -6,15 +6,12 @@ same weights at the end. Each case runs one rollout per optimiser step, the step
 accumulated micro-batches and the rollout used for two iterations (`num_iterations=2`), so that
 the second step is off-policy (ratios != 1, clipping active) and the accumulation scaling counts.
 
-Where they differ by design (documented in README and `tepo.training.distributed`), the test says
-how, so that a change on either side shows up:
-- token-mean objectives with several optimiser steps per rollout: stock TRL divides each step's
-  token sum by the rollout's token count shared evenly between its steps; we divide by the step's
-  own count (the exact token-mean);
-- the entropy bonus: stock TRL averages micro-batch token-means for every loss type; ours uses the
-  objective's aggregation over the whole step;
-- KL to the reference: stock TRL 1.16 multiplies it by the importance ratio by default
-  (`use_bias_correction_kl=True`); ours is the plain estimator (stock matches with it off).
+The stock config is `tepo.training.stock.stock_trl_config` of ours (it sets stock TRL 1.16's
+`use_bias_correction_kl` off: that default multiplies the KL to the reference by the importance
+ratio; ours is the plain estimator). Where the two differ by design (see that module), a test pins
+the one that matters at default settings: token-mean objectives with several optimiser steps per
+rollout, where stock TRL divides each step's token sum by the rollout's token count shared evenly
+between its steps and we by the step's own count (the exact token-mean).
 gspo_token and tepo build their ratio with a stop-gradient form that rounds differently from
 stock TRL's `exp(mean log-ratio)`, so their weights agree to float32 rounding, not bit for bit.
 """
@@ -25,25 +22,13 @@ import logging
 
 import pytest
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from tepo.training import TEPOConfig, TEPOTrainer
+from tepo.training.stock import STOCK_TRL_LOSS, stock_trl_config
 
 from _tiny_llm import parity_reward, prompt_dataset, save_tiny, tiny_tokenizer
 
-pytestmark = pytest.mark.slow
-
-# objective -> the stock GRPOConfig fields that define the same loss
-STOCK_LOSS = {
-    "grpo": dict(loss_type="grpo", epsilon=0.2),
-    "dapo": dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28),
-    "dr_grpo": dict(loss_type="dr_grpo", epsilon=0.2),
-    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
-    # with one advantage per sequence, GSPO-token's value and gradient are GSPO's
-    "gspo_token": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
-    # TEPO as first published (tepo_kl_coef=0): the sequence ratio with token-level aggregation
-    "tepo": dict(loss_type="dapo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
-}
 ONE_STEP_PER_ROLLOUT = dict(steps_per_generation=2, gradient_accumulation_steps=2, num_iterations=2)
 TWO_STEPS_PER_ROLLOUT = dict(steps_per_generation=2, gradient_accumulation_steps=1)
 
@@ -54,14 +39,16 @@ def model_dir(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("parity") / "tiny")
 
 
-def train(trainer_cls, config_cls, out, model_dir, **fields) -> tuple[list[float], torch.Tensor]:
-    settings = dict(
-        output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-        max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant", use_cpu=True, bf16=False, seed=0,
-        report_to=[], save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, logging_steps=1,
-    )
+SETTINGS = dict(
+    per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=4, learning_rate=1e-2,
+    lr_scheduler_type="constant", use_cpu=True, bf16=False, seed=0, report_to=[], save_strategy="no",
+    gradient_checkpointing=False, disable_tqdm=True, logging_steps=1,
+)
+
+
+def train(trainer_cls, config, model_dir) -> tuple[list[float], torch.Tensor]:
     trainer = trainer_cls(
-        model=str(model_dir), reward_funcs=parity_reward, args=config_cls(**settings, **fields),
+        model=str(model_dir), reward_funcs=parity_reward, args=config,
         train_dataset=prompt_dataset(), processing_class=tiny_tokenizer(),
     )
     logging.disable(logging.WARNING)  # TRL's per-step notices
@@ -74,10 +61,12 @@ def train(trainer_cls, config_cls, out, model_dir, **fields) -> tuple[list[float
     return losses, weights
 
 
-def both(tmp_path, model_dir, ours: dict, stock: dict, shape: dict):
-    ours_run = train(TEPOTrainer, TEPOConfig, tmp_path / "tepo", model_dir, **ours, **shape)
-    stock_run = train(GRPOTrainer, GRPOConfig, tmp_path / "stock", model_dir, **{"beta": 0.0, **stock, **shape})
-    return ours_run, stock_run
+def both(tmp_path, model_dir, shape: dict, **tepo_fields):
+    """TEPOTrainer with TEPOConfig(**tepo_fields) and stock GRPOTrainer with `stock_trl_config` of it."""
+    ours = TEPOConfig(output_dir=str(tmp_path / "tepo"), **SETTINGS, **shape, **tepo_fields)
+    stock = stock_trl_config(ours)
+    stock.output_dir = str(tmp_path / "stock")
+    return train(TEPOTrainer, ours, model_dir), train(GRPOTrainer, stock, model_dir)
 
 
 def weights_moved(model_dir, weights) -> bool:
@@ -87,20 +76,14 @@ def weights_moved(model_dir, weights) -> bool:
     return (weights - start).abs().max().item() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "objective, extra, stock_extra",
-    [
-        *[(name, {}, {}) for name in STOCK_LOSS],
-        ("grpo", dict(beta_kl=0.04), dict(beta=0.04, use_bias_correction_kl=False)),
-        ("dapo", dict(beta_kl=0.04), dict(beta=0.04, use_bias_correction_kl=False)),
-    ],
-    ids=[*STOCK_LOSS, "grpo-kl", "dapo-kl"],
+    "objective, extra",
+    [*[(name, {}) for name in STOCK_TRL_LOSS], ("grpo", dict(beta_kl=0.04)), ("dapo", dict(beta_kl=0.04))],
+    ids=[*STOCK_TRL_LOSS, "grpo-kl", "dapo-kl"],
 )
-def test_same_steps_as_stock_trl(tmp_path, model_dir, objective, extra, stock_extra):
-    (ours, w_ours), (stock, w_stock) = both(
-        tmp_path, model_dir, dict(objective=objective, **extra), {**STOCK_LOSS[objective], **stock_extra},
-        ONE_STEP_PER_ROLLOUT,
-    )
+def test_same_steps_as_stock_trl(tmp_path, model_dir, objective, extra):
+    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, ONE_STEP_PER_ROLLOUT, objective=objective, **extra)
     assert len(ours) == len(stock) == 4
     assert weights_moved(model_dir, w_ours)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=1e-6)
@@ -108,15 +91,16 @@ def test_same_steps_as_stock_trl(tmp_path, model_dir, objective, extra, stock_ex
     torch.testing.assert_close(w_ours, w_stock, rtol=0, atol=0 if exact else 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "gspo"])
 def test_sequence_mean_objectives_match_stock_trl_over_several_steps_per_rollout(tmp_path, model_dir, objective):
-    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, dict(objective=objective), STOCK_LOSS[objective],
-                                            TWO_STEPS_PER_ROLLOUT)
+    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, TWO_STEPS_PER_ROLLOUT, objective=objective)
     assert weights_moved(model_dir, w_ours)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w_ours, w_stock, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dapo", "tepo"])
 def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shares_the_count(
     tmp_path, model_dir, objective
@@ -133,11 +117,43 @@ def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shar
 
     TEPOTrainer._compute_loss = spy
     try:
-        (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, dict(objective=objective),
-                                                STOCK_LOSS[objective], TWO_STEPS_PER_ROLLOUT)
+        (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, TWO_STEPS_PER_ROLLOUT, objective=objective)
     finally:
         TEPOTrainer._compute_loss = real
     step_tokens, rollout_tokens = captured[0]
     assert step_tokens != rollout_tokens / 2, "the case needs steps of unequal token counts"
     assert ours[0] == pytest.approx(stock[0] * (rollout_tokens / 2) / step_tokens, rel=1e-5)
     assert (w_ours - w_stock).abs().max().item() > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# stock_trl_config itself (no training)
+
+
+def test_stock_config_keeps_every_other_setting(tmp_path):
+    ours = TEPOConfig(output_dir=str(tmp_path), objective="tepo", clip_high=1e-3, **SETTINGS, steps_per_generation=4,
+                      temperature=0.7, model_init_kwargs={"dtype": "float32"})
+    stock = stock_trl_config(ours)
+    a, b = ours.to_dict(), stock.to_dict()
+    loss_fields = {"loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "top_entropy_quantile",
+                   "entropy_coef"}
+    tepo_only = set(a) - set(b)
+    assert {k for k in a if a[k] != b.get(k)} - loss_fields - tepo_only == set()
+    assert (stock.loss_type, stock.importance_sampling_level) == ("dapo", "sequence")
+    assert (stock.epsilon, stock.epsilon_high, stock.beta) == (3e-4, 1e-3, 0.0)
+    assert stock.steps_per_generation == 4 and stock.generation_batch_size == ours.generation_batch_size
+
+
+@pytest.mark.parametrize(
+    "fields_, message",
+    [
+        (dict(objective="clip_cov"), "objective='clip_cov' has no stock TRL counterpart"),
+        (dict(objective="tepo", tepo_kl_coef=0.1), "tepo_kl_coef=0.1: stock TRL has no KL mask"),
+        (dict(objective="grpo", agg="token-mean"), "agg='token-mean': stock TRL's grpo aggregates as"),
+        (dict(objective="grpo", beta_kl=0.1, kl_estimator="k2"), "kl_estimator='k2'"),
+        (dict(objective="dr_grpo", max_len=16), "max_len=16: stock TRL's dr_grpo divides by max_completion_length=8"),
+    ],
+)
+def test_stock_config_refuses_what_stock_trl_lacks(tmp_path, fields_, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        stock_trl_config(TEPOConfig(output_dir=str(tmp_path), **SETTINGS, **fields_))

@@ -16,6 +16,7 @@ _EXPORTS = {
     "HeldoutEvalCallback": "tepo.training.callbacks",
     "read_metrics": "tepo.training.callbacks",
     "METRIC_KEYS": "tepo.training.callbacks",
+    "stock_trl_config": "tepo.training.stock",
 }
 
 __all__ = sorted(_EXPORTS)

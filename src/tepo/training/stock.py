@@ -1,0 +1,81 @@
+"""Stock TRL's `GRPOConfig` for a `TEPOConfig`: the same run with TRL's own loss, for comparison.
+
+Six objectives have a stock TRL 1.16 counterpart (loss_type x importance_sampling_level x epsilon);
+`tests/test_stock_parity.py` shows `TEPOTrainer` and stock `GRPOTrainer` take the same optimiser
+steps with them, up to the differences below. `bench/stock_trl.py` trains stock TRL from a
+`tepo train` command line with this.
+
+Where stock TRL differs by design (the config is still built; the docs say so):
+- token-mean objectives (dapo, tepo) with several optimiser steps per rollout: TRL divides each
+  step's token sum by the rollout's token count shared evenly between its steps; tepo by the step's
+  own count;
+- `entropy_coef`: TRL's bonus is a token-mean of each micro-batch whatever the loss type; tepo's
+  uses the objective's aggregation over the whole step.
+The config sets `use_bias_correction_kl=False` (stock TRL 1.16's default, True, multiplies the KL to
+the reference by the importance ratio; tepo's KL term is the plain k3 estimator) and
+`vllm_importance_sampling_correction=False` (tepo refuses it).
+What has no stock counterpart is refused: clip_cov, kl_cov, tepo's KL mask (tepo_kl_coef > 0),
+another aggregation than the objective's own, a KL estimator other than k3, a Dr. GRPO max_len
+other than max_completion_length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from trl import GRPOConfig
+
+from tepo.training.config import REPLACED_TRL_FIELDS, TEPOConfig
+
+# objective -> GRPOConfig loss fields; epsilon / epsilon_high come from the objective's clip
+STOCK_TRL_LOSS: dict[str, dict[str, Any]] = {
+    "grpo": dict(loss_type="grpo", importance_sampling_level="token"),
+    "dapo": dict(loss_type="dapo", importance_sampling_level="token"),
+    "dr_grpo": dict(loss_type="dr_grpo", importance_sampling_level="token"),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    # with one advantage per sequence, GSPO-token's value and gradient are GSPO's
+    "gspo_token": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    # TEPO as first published: the sequence ratio with token-level aggregation
+    "tepo": dict(loss_type="dapo", importance_sampling_level="sequence"),
+}
+
+# Set by GRPOConfig.__post_init__ from the others (passing it again alongside steps_per_generation is refused).
+_DERIVED = {"generation_batch_size"}
+
+
+def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
+    """The GRPOConfig whose stock GRPOTrainer optimises `config`'s objective: every GRPOConfig field
+    as in `config`, the loss fields from `STOCK_TRL_LOSS` and the objective's hyper-parameters.
+    Raises ValueError, naming the setting, where stock TRL has no counterpart."""
+    objective = config.objective
+    if objective not in STOCK_TRL_LOSS:
+        raise ValueError(
+            f"objective={objective!r} has no stock TRL counterpart; these do: {', '.join(STOCK_TRL_LOSS)}"
+        )
+    from tepo.objectives import default_hparams
+
+    hp, own = config.resolved_hparams(), default_hparams(objective)
+    if hp["agg"] != own["agg"]:
+        raise ValueError(f"agg={hp['agg']!r}: stock TRL's {objective} aggregates as {own['agg']!r} only")
+    if hp.get("tepo_kl_coef", 0.0) > 0:
+        raise ValueError(f"tepo_kl_coef={hp['tepo_kl_coef']!r}: stock TRL has no KL mask (set it to 0)")
+    if hp["beta_kl"] > 0 and hp["kl_estimator"] != "k3":
+        raise ValueError(f"kl_estimator={hp['kl_estimator']!r}: stock TRL's KL to the reference is k3 only")
+    max_len = config.objective_hparams()["max_len"]
+    if objective == "dr_grpo" and max_len != config.max_completion_length:
+        raise ValueError(
+            f"max_len={max_len!r}: stock TRL's dr_grpo divides by max_completion_length={config.max_completion_length}"
+        )
+    values = {
+        f.name: getattr(config, f.name) for f in fields(GRPOConfig)
+        if f.init and f.name not in REPLACED_TRL_FIELDS and f.name not in _DERIVED
+    }
+    values.update(
+        STOCK_TRL_LOSS[objective],
+        epsilon=hp["clip_low"], epsilon_high=hp["clip_high"],
+        beta=hp["beta_kl"], use_bias_correction_kl=False,  # tepo's KL term is the plain estimator
+        entropy_coef=hp["entropy_coef"],
+        vllm_importance_sampling_correction=False,  # tepo's pi_old is the trainer's recomputed log-probs
+    )
+    return GRPOConfig(**values)
