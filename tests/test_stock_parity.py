@@ -157,3 +157,45 @@ def test_stock_config_keeps_every_other_setting(tmp_path):
 def test_stock_config_refuses_what_stock_trl_lacks(tmp_path, fields_, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         stock_trl_config(TEPOConfig(output_dir=str(tmp_path), **SETTINGS, **fields_))
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/stock_trl.py: stock TRL from a `tepo train` command line
+
+
+def run_stock_bench(*argv: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    return subprocess.run([sys.executable, str(root / "bench" / "stock_trl.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_stock_bench_trains_stock_trl_and_evaluates(tmp_path):
+    import json
+
+    from _tiny_llm import tiny_train_argv
+
+    out = tmp_path / "out"
+    argv = tiny_train_argv(save_tiny(tmp_path / "tiny"), out, objective="tepo", max_steps=3, save_strategy="no")
+    done = run_stock_bench(*argv)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "GRPOTrainer loss_type=dapo importance_sampling_level=sequence epsilon=0.0003/0.0004" in done.stdout
+    summary = json.loads((out / "stock_summary.json").read_text())
+    assert summary["steps"] == 3 and len(summary["log"]) == 3
+    assert summary["heldout_before"]["num_problems"] == summary["heldout_after"]["num_problems"] == 4
+    before = json.loads((out / "eval_before.json").read_text())
+    assert len(before["ids"]) == 4 and before["step"] == 0
+    assert summary["reward_first5_last5"][0] is not None  # stock TRL logs "reward" at the rollout steps
+
+
+def test_stock_bench_refuses_an_objective_stock_trl_lacks(tmp_path):
+    done = run_stock_bench("--task", "arithmetic", "--objective", "kl_cov", "--output_dir", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert "objective='kl_cov' has no stock TRL counterpart" in done.stderr
+    assert not (tmp_path / "o").exists()
