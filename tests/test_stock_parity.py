@@ -18,7 +18,12 @@ stock TRL's `exp(mean log-ratio)`, so their weights agree to float32 rounding, n
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +32,9 @@ from trl import GRPOTrainer
 from tepo.training import TEPOConfig, TEPOTrainer
 from tepo.training.stock import STOCK_TRL_LOSS, stock_trl_config
 
-from _tiny_llm import parity_reward, prompt_dataset, save_tiny, tiny_tokenizer
+from _tiny_llm import parity_reward, prompt_dataset, save_tiny, tiny_tokenizer, tiny_train_argv
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ONE_STEP_PER_ROLLOUT = dict(steps_per_generation=2, gradient_accumulation_steps=2, num_iterations=2)
 TWO_STEPS_PER_ROLLOUT = dict(steps_per_generation=2, gradient_accumulation_steps=1)
@@ -163,24 +170,14 @@ def test_stock_config_refuses_what_stock_trl_lacks(tmp_path, fields_, message):
 # bench/stock_trl.py: stock TRL from a `tepo train` command line
 
 
-def run_stock_bench(*argv: str):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    return subprocess.run([sys.executable, str(root / "bench" / "stock_trl.py"), *argv], env=env,
+def run_stock_bench(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "stock_trl.py"), *argv], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_stock_bench_trains_stock_trl_and_evaluates(tmp_path):
-    import json
-
-    from _tiny_llm import tiny_train_argv
-
     out = tmp_path / "out"
     argv = tiny_train_argv(save_tiny(tmp_path / "tiny"), out, objective="tepo", max_steps=3, save_strategy="no")
     done = run_stock_bench(*argv)
