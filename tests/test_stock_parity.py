@@ -64,8 +64,7 @@ def train(trainer_cls, config, model_dir) -> tuple[list[float], torch.Tensor]:
     finally:
         logging.disable(logging.NOTSET)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    return losses, weights
+    return losses, flat(trainer.model)
 
 
 def both(tmp_path, model_dir, shape: dict, **tepo_fields):
@@ -76,11 +75,14 @@ def both(tmp_path, model_dir, shape: dict, **tepo_fields):
     return train(TEPOTrainer, ours, model_dir), train(GRPOTrainer, stock, model_dir)
 
 
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def weights_moved(model_dir, weights) -> bool:
     from transformers import AutoModelForCausalLM
 
-    start = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()])
-    return (weights - start).abs().max().item() > 1e-3
+    return (weights - flat(AutoModelForCausalLM.from_pretrained(model_dir))).abs().max().item() > 1e-3
 
 
 @pytest.mark.slow
@@ -110,7 +112,7 @@ def test_sequence_mean_objectives_match_stock_trl_over_several_steps_per_rollout
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dapo", "tepo"])
 def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shares_the_count(
-    tmp_path, model_dir, objective
+    tmp_path, monkeypatch, model_dir, objective
 ):
     """Two optimiser steps per rollout of completions of unequal length: stock TRL's step i divides
     its token sum by (tokens of the rollout) / 2, ours by the tokens of step i. The first step's
@@ -122,11 +124,8 @@ def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shar
         captured.append((int(inputs["completion_mask"].sum()), int(inputs["num_items_in_batch"])))
         return real(self, model, inputs)
 
-    TEPOTrainer._compute_loss = spy
-    try:
-        (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, TWO_STEPS_PER_ROLLOUT, objective=objective)
-    finally:
-        TEPOTrainer._compute_loss = real
+    monkeypatch.setattr(TEPOTrainer, "_compute_loss", spy)
+    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, TWO_STEPS_PER_ROLLOUT, objective=objective)
     step_tokens, rollout_tokens = captured[0]
     assert step_tokens != rollout_tokens / 2, "the case needs steps of unequal token counts"
     assert ours[0] == pytest.approx(stock[0] * (rollout_tokens / 2) / step_tokens, rel=1e-5)
