@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tepo.objectives._common import aggregate, kl_estimate, masked_mean, prepare_batch, ratio_metrics
 from tepo.objectives._registry import get_objective
-from tepo.objectives.errors import MissingInputError
+from tepo.objectives.errors import MissingInputError, ShapeMismatchError
 
 
 @dataclass
@@ -33,15 +33,19 @@ def policy_loss(
     entropy: Optional[Tensor] = None,
     old_entropy: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    token_weight: Optional[Tensor] = None,
     **hparams,
 ) -> PolicyLossOutput:
     """Policy loss of objective `name` on one mini-batch (see docs in OBJECTIVES.md).
 
     Tensors: logp, old_logp, mask (B, T); advantages (B,) or (B, T); ref_logp, entropy,
     old_entropy (B, T) or None. bf16/fp16/fp32 inputs are computed in float32, float64 in float64.
+    token_weight (B, T) or None: a detached, objective-independent weight w on the policy term
+    (rollout correction, token selection, off-policy masking; 1 = no change, 0 = token dropped
+    from the gradient but still counted by the aggregation's normaliser, as in TRL and verl).
     hparams: those of `default_hparams(name)`; None means the default.
 
-        loss = agg( l + beta_kl * KL_est(ref_logp - logp) ) + extra - entropy_coef * agg(entropy)
+        loss = agg( w * l + beta_kl * KL_est(ref_logp - logp) ) + extra - entropy_coef * agg(entropy)
 
     where l is the objective's per-token loss and extra its post-aggregation term (TEPO's KL mask).
     Metrics: clip_frac, clip_frac_low, clip_frac_high, ratio_mean, ratio_min, ratio_max,
@@ -71,6 +75,8 @@ def policy_loss(
     terms = spec.fn(batch, hp)
 
     per_token = terms.per_token
+    if token_weight is not None:
+        per_token = per_token * _checked_weight(token_weight, batch)
     if hp["beta_kl"] > 0:
         per_token = per_token + hp["beta_kl"] * kl_estimate(batch.ref_logp - batch.logp, hp["kl_estimator"])
     loss = aggregate(per_token, batch, hp["agg"], hp["max_len"])
@@ -88,3 +94,13 @@ def policy_loss(
     values = torch.stack([metrics[k].reshape(()).to(batch.mask.dtype) for k in names]).tolist() if names else []
     metrics.update(zip(names, values))
     return PolicyLossOutput(loss=loss, metrics={k: float(v) for k, v in metrics.items()})
+
+
+def _checked_weight(token_weight: Tensor, batch) -> Tensor:
+    """token_weight (B, T), detached, cast to the compute dtype, 0 at padding (garbage there is ignored)."""
+    if not isinstance(token_weight, Tensor) or tuple(token_weight.shape) != batch.shape:
+        shape = tuple(token_weight.shape) if isinstance(token_weight, Tensor) else type(token_weight).__name__
+        raise ShapeMismatchError(f"token_weight must be a (B, T) = {batch.shape} tensor like logp, got {shape}")
+    if token_weight.device != batch.mask.device:
+        raise ShapeMismatchError(f"token_weight is on {token_weight.device} but logp is on {batch.mask.device}")
+    return torch.where(batch.valid, token_weight.detach().to(batch.mask.dtype), 0.0)

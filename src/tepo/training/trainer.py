@@ -96,6 +96,8 @@ class TEPOTrainer(GRPOTrainer):
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_count = 0
         self._tokens_in_step = 0
+        # Objective-independent per-token weights on the policy term, applied in this order (see _token_weight).
+        self.token_weights: list = []
 
         # Callbacks, in the order they must see each step: the clock stops before any evaluation,
         # the monitor annotates the logs before the writer writes them.
@@ -299,12 +301,14 @@ class TEPOTrainer(GRPOTrainer):
             old_logp, old_entropy = logp.detach(), entropy.detach()
         else:
             old_entropy = inputs.get("old_entropy")
+        token_weight, weight_metrics = self._token_weight(inputs, logp=logp, entropy=entropy, mask=mask)
         out = policy_loss(
             self.args.objective,
             logp=logp, old_logp=old_logp, advantages=inputs["advantages"], mask=mask,
             ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy, old_entropy=old_entropy,
-            generator=self._cov_generator, **self._loss_hparams,
+            generator=self._cov_generator, token_weight=token_weight, **self._loss_hparams,
         )
+        out.metrics.update(weight_metrics)
         loss = out.loss
         if self.aux_loss_enabled:  # MoE load balancing
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -328,6 +332,21 @@ class TEPOTrainer(GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
         self._log_loss_metrics(mode, out.metrics)
         return loss
+
+    def _token_weight(self, inputs, *, logp, entropy, mask) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The product of the weights of `self.token_weights` (B, T), or None when there are none.
+
+        Each piece is a callable ``piece(trainer, inputs, logp=, entropy=, mask=) -> (weight or None,
+        metrics)`` with detached (B, T) inputs: an objective-independent weight on the policy term
+        (rollout correction, token selection, off-policy masking; see `policy_loss`'s token_weight).
+        """
+        weight, metrics = None, {}
+        for piece in self.token_weights:
+            w, m = piece(self, inputs, logp=logp.detach(), entropy=entropy.detach(), mask=mask)
+            metrics.update(m)
+            if w is not None:
+                weight = w if weight is None else weight * w
+        return weight, metrics
 
     def _log_loss_metrics(self, mode: str, metrics: dict[str, float]) -> None:
         if self.accelerator.num_processes > 1:
