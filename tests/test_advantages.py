@@ -92,3 +92,10 @@ def test_errors():
         group_advantages(torch.tensor([1.0, float("nan")]), 2)
     with pytest.raises(ValueError, match="eps"):
         group_advantages(torch.zeros(2), 2, eps=-1.0)
+
+
+def test_each_objective_declares_its_advantage_scale():
+    from tepo.objectives import advantage_scale, list_objectives
+
+    assert advantage_scale("dr_grpo") == "none"  # Dr. GRPO: no division by the group std
+    assert {advantage_scale(n) for n in list_objectives() if n != "dr_grpo"} <= {"group", "batch"}

@@ -54,3 +54,4 @@ def test_weight_must_have_the_shape_of_logp():
     logp, old, mask, adv = _batch()
     with pytest.raises(ShapeMismatchError, match="token_weight"):
         policy_loss("grpo", logp=logp, old_logp=old, advantages=adv, mask=mask, token_weight=torch.ones(3))
+

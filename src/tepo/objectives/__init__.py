@@ -20,7 +20,14 @@ a `PolicyBatch` to `ObjectiveTerms`. This package imports only torch and the sta
 
 from tepo.objectives._common import AGG_MODES, KL_ESTIMATORS, ObjectiveTerms, PolicyBatch
 from tepo.objectives._policy_loss import PolicyLossOutput, policy_loss
-from tepo.objectives._registry import SHARED_DEFAULTS, default_hparams, list_objectives, register_objective
+from tepo.objectives._registry import (
+    ADVANTAGE_SCALES,
+    SHARED_DEFAULTS,
+    advantage_scale,
+    default_hparams,
+    list_objectives,
+    register_objective,
+)
 from tepo.objectives.errors import (
     InvalidHyperparameterError,
     MissingInputError,
@@ -34,6 +41,7 @@ from tepo.objectives.errors import (
 from tepo.objectives import cov, ppo, sequence  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "ADVANTAGE_SCALES",
     "AGG_MODES",
     "KL_ESTIMATORS",
     "SHARED_DEFAULTS",
@@ -46,6 +54,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnknownHyperparameterError",
     "UnknownObjectiveError",
+    "advantage_scale",
     "default_hparams",
     "list_objectives",
     "policy_loss",

@@ -103,11 +103,16 @@ HPARAM_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+# How rewards become advantages for an objective (tepo.advantages.group_advantages' `scale`).
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
     fn: Callable
     defaults: dict[str, Any] = field(default_factory=dict)
+    advantage_scale: str = "group"  # the scale the method is defined with; a user's explicit choice wins
 
     def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `given` (None = default), checked."""
@@ -143,15 +148,18 @@ def _all_hparam_names() -> set[str]:
     return names
 
 
-def register_objective(name: str, **defaults: Any) -> Callable[[Callable], Callable]:
+def register_objective(name: str, *, advantage_scale: str = "group", **defaults: Any) -> Callable[[Callable], Callable]:
     """Register ``fn(batch, hp) -> ObjectiveTerms`` as objective `name`.
 
     `defaults` are the objective's own hyper-parameters with their default values; they may also
     override a shared default (e.g. ``agg="seq-mean-token-mean"``). Defaults are checked now, so a
-    bad default fails at import time.
+    bad default fails at import time. `advantage_scale` is how the method scales its group-relative
+    advantages (one of ADVANTAGE_SCALES: "group" for GRPO and most others, "none" for Dr. GRPO).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"objective name must be a non-empty string, got {name!r}")
+    if advantage_scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"advantage_scale={advantage_scale!r} is not one of {', '.join(ADVANTAGE_SCALES)}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -160,7 +168,7 @@ def register_objective(name: str, **defaults: Any) -> Callable[[Callable], Calla
         for key, value in defaults.items():
             check = HPARAM_CHECKS.get(key)
             full[key] = check(key, value) if (check and value is not None) else value
-        _REGISTRY[name] = ObjectiveSpec(name=name, fn=fn, defaults=full)
+        _REGISTRY[name] = ObjectiveSpec(name=name, fn=fn, defaults=full, advantage_scale=advantage_scale)
         return fn
 
     return decorate
@@ -183,3 +191,8 @@ def list_objectives() -> list[str]:
 def default_hparams(name: str) -> dict[str, Any]:
     """Every hyper-parameter objective `name` accepts, with its default (max_len None = T)."""
     return dict(get_objective(name).defaults)
+
+
+def advantage_scale(name: str) -> str:
+    """The advantage scale objective `name` is defined with ("group", "batch" or "none")."""
+    return get_objective(name).advantage_scale

@@ -35,7 +35,7 @@ def dapo(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     return token_ppo_terms(batch, hp)
 
 
-@register_objective("dr_grpo", clip_low=0.2, clip_high=0.2, agg="seq-mean-token-sum-norm")
+@register_objective("dr_grpo", advantage_scale="none", clip_low=0.2, clip_high=0.2, agg="seq-mean-token-sum-norm")
 def dr_grpo(batch: PolicyBatch, hp: dict) -> ObjectiveTerms:
     """Dr. GRPO: the GRPO term summed and divided by the constant B * max_len (no length bias)."""
     return token_ppo_terms(batch, hp)
