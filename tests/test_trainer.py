@@ -162,6 +162,76 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# metrics of an optimiser step made of several micro-batches
+
+
+def test_step_metrics_combine_by_name():
+    from tepo.training.step_metrics import StepMetrics
+
+    step = StepMetrics()
+    step.add({"clip_frac": 0.5, "ratio_min": 0.9, "ratio_max": 1.1, "kl_mask_frac": float("nan")}, weight=2)
+    step.add({"clip_frac": 0.0, "ratio_min": 0.8, "ratio_max": 1.05, "kl_mask_frac": 0.25}, weight=6)
+    step.add({"clip_frac": 1.0, "ratio_min": 0.0, "ratio_max": 0.0, "kl_mask_frac": 1.0}, weight=0)  # no valid token
+    v = step.values()
+    assert v["clip_frac"] == pytest.approx((2 * 0.5 + 6 * 0.0) / 8)  # token-weighted: 1 of 8 tokens clipped
+    assert (v["ratio_min"], v["ratio_max"]) == (0.8, 1.1)  # the empty micro-batch's 0 is not a ratio
+    assert v["kl_mask_frac"] == 0.25  # NaN left out, with its weight
+    step.clear()
+    assert step.values() == {}
+
+
+def lengths_vary(tok):
+    """generation_kwargs for completions of varied lengths (the tiny model rarely samples EOS)."""
+    return {"sequence_bias": [[[tok.eos_token_id], 4.0]]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, extra", [("dapo", {}), ("tepo", {"tepo_kl_coef": 0.5})])
+def test_accumulated_micro_batches_log_what_one_micro_batch_logs(tmp_path, monkeypatch, objective, extra):
+    """2 accumulated micro-batches of 4 and 1 micro-batch of 8, same rollout of 16, 2 optimiser steps
+    (SGD, so the weights after step 1 agree to rounding): the same ratio extremes, token-weighted
+    means and loss on step 2 (step 1 is on-policy), for the objective's metrics and a token-weight
+    piece's."""
+    calls = {}
+    real = trainer_module.policy_loss
+
+    def spy(name, **kw):
+        out = real(name, **kw)
+        calls.setdefault(tag, []).append((out.metrics, float(kw["mask"].sum())))
+        return out
+
+    def piece(trainer, inputs, *, logp, entropy, mask):
+        m = mask.bool()
+        return None, {"piece_logp_mean": logp[m].mean().item(), "piece_logp_min": logp[m].min().item()}
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    tok = tiny_tokenizer()
+    rows = {}
+    for tag, shape in (("one", dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, steps_per_generation=2)),
+                       ("two", dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4))):
+        args = small_config(tmp_path / tag, objective=objective, optim="sgd", learning_rate=0.5,
+                            generation_kwargs=lengths_vary(tok), **extra, **shape)
+        tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
+                         train_dataset=prompt_dataset(), processing_class=tok)
+        tr.token_weights.append(piece)
+        tr.train()
+        rows[tag] = [r for r in tr.state.log_history if "loss" in r]  # every logged key, by step
+    one, two = rows["one"][1], rows["two"][1]
+    keys = [k for k in calls["one"][0][0]] + ["loss"]
+    assert {"ratio_min", "ratio_max", "clip_frac", "entropy_mean", "approx_kl", "piece_logp_min"} <= set(keys)
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    # the test can tell: step 2's micro-batches differ in tokens and values, so averaging them (the old
+    # log) misses the step's ratio extremes and token means by far more than the tolerance above
+    # (not entropy_mean: the random model's entropy is about the same everywhere)
+    (m1, n1), (m2, n2) = calls["two"][2:4]
+    assert n1 != n2
+    plain = {k: (m1[k] + m2[k]) / 2 for k in ("ratio_max", "ratio_min", "approx_kl", "ratio_mean", "clip_frac")}
+    missed = {k: (plain[k], one[k]) for k in plain if abs(plain[k] - one[k]) <= 1e-4 * abs(one[k])}
+    assert not missed, missed
+
+
+# ----------------------------------------------------------------------------------------------
 # dynamic sampling
 
 

@@ -29,7 +29,7 @@ N_step, which cancels (reasoned, not tested: nothing here runs tensor parallelis
 
 What stays per rank and per micro-batch (not made global here): Clip-Cov / KL-Cov's covariance
 means and their number of selected tokens k = max(1, int(cov_ratio * N_micro)); the TEPO KL mask
-term when agg is not token-mean; the metrics `policy_loss` returns (the trainer averages them).
+term when agg is not token-mean; the metrics `policy_loss` returns (the trainer combines them over the step: `tepo.training.step_metrics`).
 """
 
 from __future__ import annotations

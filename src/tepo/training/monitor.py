@@ -26,7 +26,10 @@ Detectors (kind -> what fires it; every threshold is a constructor argument):
 - `ratio_explosion` (warning): importance ratio max above `ratio_max_limit`, min below
   `ratio_min_limit`, or approx KL above `approx_kl_max`, for `explosion_patience` steps in a row.
 
-"Smoothed" = trailing mean over the last `smooth_window` logged values. Metric names are those of
+"Smoothed" = trailing mean over the last `smooth_window` logged values. TEPOTrainer logs ratio_min /
+ratio_max as the optimiser step's extremes and entropy_mean, clip_frac, approx_kl as token means over
+the whole step, whatever the gradient accumulation or the number of processes
+(`tepo.training.step_metrics`). Metric names are those of
 `metrics.jsonl` (reward_mean, entropy_mean, ...); TRL's own log names (reward, entropy,
 clip_ratio/region_mean, completions/mean_length, ...) are understood too, so the callback works
 whatever the trainer logs.

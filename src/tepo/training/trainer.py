@@ -19,7 +19,10 @@ Aggregation scope: `policy_loss` aggregates over the micro-batch it is given. Fo
 objectives (dapo, tepo, clip_cov, kl_cov) `_compute_loss` multiplies that loss by
 `tepo.training.distributed.token_mean_scale`, so that with several processes or accumulated
 micro-batches the optimiser step's gradient is the token-mean over all of the step's tokens, as on
-one process with the whole batch (seq-mean objectives are exact already; see that module).
+one process with the whole batch (seq-mean objectives are exact already; see that module). The
+loss metrics (the objective's and the `token_weights` pieces') are logged the same way, as one
+micro-batch with the whole step would give them: `tepo.training.step_metrics` (`_min` / `_max`
+names by min / max, the rest token-weighted over micro-batches and processes).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from tepo.objectives import policy_loss
 from tepo.training import sampling
 from tepo.training.distributed import token_mean_scale
+from tepo.training.step_metrics import StepMetrics, gather_micro_batch
 from tepo.training.callbacks import (
     CompactProgressCallback,
     HeldoutEvalCallback,
@@ -96,6 +100,7 @@ class TEPOTrainer(GRPOTrainer):
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_count = 0
         self._tokens_in_step = 0
+        self._step_metrics = {"train": StepMetrics(), "eval": StepMetrics()}  # see _log_loss_metrics
         # Objective-independent per-token weights on the policy term, applied in this order (see _token_weight).
         self.token_weights: list = []
 
@@ -308,7 +313,7 @@ class TEPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps"), entropy=entropy, old_entropy=old_entropy,
             generator=self._cov_generator, token_weight=token_weight, **self._loss_hparams,
         )
-        out.metrics.update(weight_metrics)
+        out.metrics.update(weight_metrics)  # the pieces' metrics follow the same step convention
         loss = out.loss
         if self.aux_loss_enabled:  # MoE load balancing
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -330,7 +335,7 @@ class TEPOTrainer(GRPOTrainer):
             for name, value in self._rollout_metrics.items():
                 self._metrics[mode][name].append(value)
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
-        self._log_loss_metrics(mode, out.metrics)
+        self._log_loss_metrics(mode, out.metrics, tokens=float(mask.sum()))
         return loss
 
     def _token_weight(self, inputs, *, logp, entropy, mask) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -348,25 +353,21 @@ class TEPOTrainer(GRPOTrainer):
                 weight = w if weight is None else weight * w
         return weight, metrics
 
-    def _log_loss_metrics(self, mode: str, metrics: dict[str, float]) -> None:
-        if self.accelerator.num_processes > 1:
-            # Across ranks: min of minima, max of maxima, mean of the rest (ranks weighted equally).
-            names = sorted(metrics)
-            local = torch.tensor([[float(metrics[n]) for n in names]], device=self.accelerator.device)
-            gathered = self.accelerator.gather(local)
-            metrics = {}
-            for i, name in enumerate(names):
-                column = gathered[:, i][~torch.isnan(gathered[:, i])]
-                if column.numel() == 0:
-                    metrics[name] = float("nan")
-                elif name.endswith("_min"):
-                    metrics[name] = column.min().item()
-                elif name.endswith("_max"):
-                    metrics[name] = column.max().item()
-                else:
-                    metrics[name] = column.mean().item()
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(float(value))
+    def _log_loss_metrics(self, mode: str, metrics: dict[str, float], tokens: float) -> None:
+        """Fold one micro-batch's loss metrics (over its `tokens` valid tokens) into the step's values
+        (`tepo.training.step_metrics`: _min / _max names by min / max, the rest token-weighted, over
+        micro-batches and processes). TRL's log averages each list of `_metrics`; each holds one value,
+        the step's so far. Collective with several processes."""
+        step = self._step_metrics[mode]
+        for part, weight in gather_micro_batch(self.accelerator, metrics, tokens):
+            step.add(part, weight)
+        for name, value in step.values().items():
+            self._metrics[mode][name] = [value]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        super().log(logs, start_time)  # reads and clears self._metrics[mode]
+        self._step_metrics[mode].clear()
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
