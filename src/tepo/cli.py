@@ -1,4 +1,4 @@
-"""`tepo train | eval | compare | report`: parse the sub-command, then hand over to the library.
+"""`tepo train | eval | compare | report | study`: parse the sub-command, then hand over to the library.
 
 Each sub-command's own arguments are parsed where its work is done, so this module stays a thin
 dispatcher and imports nothing heavy until a command is chosen.
@@ -12,7 +12,8 @@ COMMANDS = {
     "train": ("tepo.training.cli", "train_main", "RL fine-tuning with any objective"),
     "eval": ("tepo.evaluation.cli", "eval_main", "pass@k / avg@n / maj@k on math benchmarks"),
     "compare": ("tepo.analysis.cli", "compare_main", "objectives side by side over seeds"),
-    "report": ("tepo.analysis.cli", "report_main", "HTML report of a comparison directory"),
+    "report": ("tepo.analysis.cli", "report_main", "HTML report of a comparison directory or of one run"),
+    "study": ("tepo.analysis.cli", "study_main", "run / report a study: tuned arms, seeds, paired test"),
 }
 
 

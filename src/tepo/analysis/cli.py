@@ -114,14 +114,25 @@ def snapshot_recipe(config: str, output_dir: str, allow_change: bool = False) ->
 def report_main(argv: list[str]) -> int:
     from tepo.analysis.report import build_report
 
-    parser = argparse.ArgumentParser(prog="tepo report", description="HTML report of a `tepo compare` folder.", allow_abbrev=False)
-    parser.add_argument("dir", help="the comparison folder (holds runs/)")
+    parser = argparse.ArgumentParser(prog="tepo report", allow_abbrev=False,
+                                     description="HTML report of a `tepo compare` folder, or of one `tepo train` run.")
+    parser.add_argument("dir", help="the comparison folder (holds runs/), or a training run's output_dir (holds metrics.jsonl)")
     parser.add_argument("--out", help="report folder (default DIR/report)")
     parser.add_argument("--target", type=float, default=None,
                         help="performance to reach for the steps-to-target table (default: midpoint between start and best final)")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window for per-step curves (default 5; 1 = raw)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     args = parser.parse_args(argv)
+    if (Path(args.dir) / "metrics.jsonl").is_file() and not (Path(args.dir) / "runs").is_dir():
+        from tepo.analysis.run_report import build_run_report
+
+        try:
+            index = build_run_report(args.dir, args.out, smooth=args.smooth)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"tepo report: {err}", file=sys.stderr)
+            return 2
+        print(f"tepo report: wrote {index} (open it in a browser)")
+        return 0
     try:
         index = build_report(args.dir, args.out, target=args.target, smooth=args.smooth, confidence=args.confidence)
     except (ValueError, FileNotFoundError) as err:
@@ -129,3 +140,57 @@ def report_main(argv: list[str]) -> int:
         return 2
     print(f"tepo report: wrote {index} and {index.parent / 'summary.md'}")
     return 0
+
+
+STUDY_EPILOG = """\
+tepo study run FILE      train every run the study still lacks (tuning first, then the final runs),
+                         one at a time; a rerun skips finished runs and resumes an interrupted one
+tepo study report FILE   tables and plots from results/<study>/ alone (seconds): report/index.html
+tepo study plan FILE     every run with its status and tepo train arguments
+See docs/study.md for the study file, the selection rule and the bootstrap.
+"""
+
+
+def study_main(argv: list[str]) -> int:
+    from tepo.analysis.study import StudyError, load_study, plan_lines, run_study
+
+    parser = argparse.ArgumentParser(prog="tepo study", description="Run and report a study (a YAML file).",
+                                     epilog=STUDY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("action", choices=("run", "report", "plan"))
+    parser.add_argument("file", help="the study YAML")
+    parser.add_argument("--results_dir", help="where the small files go (default: the file's results_dir, or results/<name>)")
+    parser.add_argument("--runs_dir", help="where checkpoints and weights go (default: the file's runs_dir, or runs/<name>)")
+    parser.add_argument("--cpu_lock", help="run: flock this file while each run trains (e.g. /tmp/tepo-cpu.lock)")
+    parser.add_argument("--commit", action="store_true", help="run: git-commit each finished run's results folder")
+    parser.add_argument("--max_runs", type=int, help="run: train at most this many runs, then stop")
+    parser.add_argument("--time_limit", type=float, help="run: start no new run after this many minutes")
+    parser.add_argument("--retry_failed", action="store_true", help="run: train again the runs that failed")
+    parser.add_argument("--train_command", help="run: command that trains one run (default: this Python's -m tepo.cli train)")
+    parser.add_argument("--out", help="report: folder (default results/<name>/report)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="report: interval level (default 0.95)")
+    parser.add_argument("--replicates", type=int, default=10000, help="report: bootstrap replicates (default 10000)")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.file, results_dir=args.results_dir, runs_dir=args.runs_dir)
+        if args.action == "plan":
+            print("\n".join(plan_lines(study)))
+            return 0
+        if args.action == "report":
+            from tepo.analysis.study_report import build_study_report
+
+            index = build_study_report(study, args.out, confidence=args.confidence, replicates=args.replicates)
+            print(f"tepo study report: wrote {index} and {index.parent / 'summary.md'}")
+            return 0
+        if args.max_runs is not None and args.max_runs < 1:
+            raise StudyError(f"--max_runs must be >= 1, got {args.max_runs}")
+        summary = run_study(study, cpu_lock=args.cpu_lock, commit=args.commit, max_runs=args.max_runs,
+                            time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
+                            retry_failed=args.retry_failed,
+                            train_command=shlex.split(args.train_command) if args.train_command else None)
+    except StudyError as err:
+        print(f"tepo study: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0 if summary["todo"] == 0 and summary["failed"] == 0 else 1

@@ -19,9 +19,10 @@ from tepo.tasks.arithmetic import make_problems
 from tepo.tasks.benchmarks import BENCHMARKS, list_benchmarks, load_benchmark
 from tepo.tasks.data import DataError, Rows, load_jsonl
 from tepo.tasks.prompts import build_messages
+from tepo.tasks.splits import check_disjoint
 
 __all__ = [
-    "DataError", "build_messages", "list_benchmarks", "load_benchmark", "load_jsonl", "load_task",
+    "DataError", "build_messages", "check_disjoint", "list_benchmarks", "load_benchmark", "load_jsonl", "load_task",
     "make_problems", "to_prompt_dataset",
 ]
 
@@ -38,13 +39,15 @@ def load_task(
     seed: int = 0,
     on_error: str = "raise",
     data_dir: str | os.PathLike | None = None,
+    reserve_validation: bool = False,
 ) -> list[dict]:
     """Problems from exactly one source: ``task="arithmetic"`` or ``data=`` (a JSONL path, a
     benchmark name, or ``"hub:<benchmark>"``).
 
     ``num_problems``: how many arithmetic problems to make (default 1000), or the first N rows of a
     file or benchmark (default all). ``split``, ``levels`` and ``seed`` apply to the arithmetic
-    generator (benchmarks have a test split only). ``on_error`` applies to JSONL files
+    generator (benchmarks have a test split only; the generator has train, validation and test, and
+    ``reserve_validation`` keeps its train split off the validation problems). ``on_error`` applies to JSONL files
     (``"raise"`` or ``"skip"``). ``data_dir`` (or ``$TEPO_DATA_DIR``) holds the offline benchmarks.
     """
     if (task is None) == (data is None):
@@ -54,7 +57,8 @@ def load_task(
     if task is not None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or pass data=)")
-        return make_problems(1000 if num_problems is None else num_problems, levels=tuple(levels), split=split, seed=seed)
+        return make_problems(1000 if num_problems is None else num_problems, levels=tuple(levels), split=split, seed=seed,
+                             reserve_validation=reserve_validation)
     source = os.fspath(data)
     if source.startswith("hub:"):
         name = source[len("hub:"):]

@@ -4,9 +4,13 @@ Levels: 1 = one addition or subtraction, operands under 20; 2 = one multiplicati
 under 12, or one addition with operands under 100; 3 = two operations. Problems come from
 templates with names and objects, deterministic per seed.
 
-Train and test never share a problem: each problem is assigned to a split by a hash of its
-canonical content (template and operands, not the names or objects), so the two splits are
-disjoint for any ``n`` and ``seed``, and no test problem is a train problem with other names.
+Splits never share a problem: each problem is assigned to a region by a hash of its canonical
+content (template and operands, not the names or objects): test (20% of the space), validation
+(the next 10%), train (the rest). So the splits are disjoint for any ``n`` and ``seed``, and no
+test problem is a train problem with other names. ``split="train"`` draws from the train and the
+validation regions unless ``reserve_validation=True`` (then from the train region only): the
+default keeps the training problems every run so far was measured on; a study that tunes on the
+validation split reserves it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 TEST_FRACTION = 0.2  # share of the (template, operands) space that belongs to the test split
+VALIDATION_FRACTION = 0.1  # the next share: the validation split (inside the old train region)
 LEVELS = (1, 2, 3)
 
 NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gabe", "Hana", "Ivan", "Jia",
@@ -97,15 +102,31 @@ TEMPLATES: tuple[Template, ...] = (
 _BY_LEVEL = {level: [t for t in TEMPLATES if t.level == level] for level in LEVELS}
 
 
+def content_key(template_id: str, operands: tuple[int, ...]) -> str:
+    """A problem's canonical content: its template and operands (names and objects left out)."""
+    return f"{template_id}|{','.join(map(str, operands))}"
+
+
 def split_of(template_id: str, operands: tuple[int, ...]) -> str:
-    """The split a problem belongs to, from its canonical content only (template, operands)."""
-    key = f"{template_id}|{','.join(map(str, operands))}".encode()
-    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-    return "test" if bucket < TEST_FRACTION else "train"
+    """The region a problem belongs to, from its canonical content only: test, validation or train.
+
+    The test region is the same as before the validation split existed (hash bucket < 0.2)."""
+    bucket = int.from_bytes(hashlib.sha256(content_key(template_id, operands).encode()).digest()[:8], "big") / 2**64
+    if bucket < TEST_FRACTION:
+        return "test"
+    return "validation" if bucket < TEST_FRACTION + VALIDATION_FRACTION else "train"
 
 
-def make_problems(n: int, levels: tuple[int, ...] | list[int] = (1, 2), split: str = "train", seed: int = 0) -> list[dict]:
-    """``n`` distinct problems ``{"id", "problem", "answer", "level"}`` from ``split``.
+def _regions(split: str, reserve_validation: bool) -> tuple[str, ...]:
+    if split == "train" and not reserve_validation:
+        return ("train", "validation")  # the training problems of every run measured before the validation split
+    return (split,)
+
+
+def make_problems(n: int, levels: tuple[int, ...] | list[int] = (1, 2), split: str = "train", seed: int = 0,
+                  *, reserve_validation: bool = False) -> list[dict]:
+    """``n`` distinct problems ``{"id", "problem", "answer", "level", "content"}`` from ``split``
+    (``content``: :func:`content_key`; ``reserve_validation``: see the module doc).
 
     Levels take turns (1, 2, 1, 2, ...), so the first ``k`` problems of a bigger request are the
     same as a request for ``k``. Within one call no two problems share their text, and operands
@@ -119,6 +140,7 @@ def make_problems(n: int, levels: tuple[int, ...] | list[int] = (1, 2), split: s
     bad = [lv for lv in levels if lv not in LEVELS]
     if not levels or bad:
         raise ValueError(f"levels must be a non-empty selection of {LEVELS}, got {levels!r}")
+    regions = _regions(split, reserve_validation)
     rng = random.Random(f"tepo-arithmetic:{seed}:{split}")  # str seeds are hashed stably (sha512)
     problems: list[dict] = []
     seen_text: set[str] = set()
@@ -128,7 +150,7 @@ def make_problems(n: int, levels: tuple[int, ...] | list[int] = (1, 2), split: s
         for attempt in range(20_000):
             template = rng.choice(_BY_LEVEL[level])
             operands = template.draw(rng)
-            if split_of(template.id, operands) != split:
+            if split_of(template.id, operands) not in regions:
                 continue
             if (template.id, operands) in seen_content and attempt < 500:
                 continue  # prefer fresh arithmetic while there is some left
@@ -147,5 +169,6 @@ def make_problems(n: int, levels: tuple[int, ...] | list[int] = (1, 2), split: s
             "problem": text,
             "answer": str(template.answer(*operands)),
             "level": level,
+            "content": content_key(template.id, operands),
         })
     return problems

@@ -43,8 +43,31 @@ class TrainScriptArguments:
         metadata={"help": "Greedy held-out accuracy before and after training (eval_before.json, eval_after.json)."},
     )
     heldout_data: str | None = field(default=None, metadata={"help": "Held-out problems (JSONL); default: the task's test split."})
+    heldout_split: str = field(
+        default="test",
+        metadata={"help": "The task's split the held-out evaluation uses: test, or validation (needs --reserve_validation true)."},
+    )
+    reserve_validation: bool = field(
+        default=False,
+        metadata={"help": "Keep the task's training problems off its validation split (a study's runs do; default: "
+                          "the training problems of earlier runs)."},
+    )
+    test_num_problems: int = field(
+        default=0,
+        metadata={"help": "After training, also greedy-evaluate the first N problems of the task's test split "
+                          "(eval_test.json, per-problem verdicts); 0: no."},
+    )
     heldout_num_problems: int = field(default=150, metadata={"help": "Held-out problems to evaluate."})
     heldout_batch_size: int = field(default=32, metadata={"help": "Rows per generate batch in held-out evaluation."})
+    soft_overlong_cache: int | None = field(
+        default=None,
+        metadata={"help": "DAPO's soft overlong punishment (TRL's soft_punish_cache, L_cache): add "
+                          "(L_max - L_cache - |y|) / L_cache to the reward of completions longer than L_max - L_cache, "
+                          "-1 beyond L_max (docs/controls.md). None: off."},
+    )
+    soft_overlong_max_len: int | None = field(
+        default=None, metadata={"help": "Soft overlong punishment: L_max (TRL's max_completion_len). None: max_completion_length."}
+    )
 
 
 def _levels(text: str | None) -> list[int] | None:
@@ -119,12 +142,31 @@ def parse(argv: list[str]):
         )
     if script.heldout_num_problems < 1 or script.heldout_batch_size < 1:
         raise ValueError("--heldout_num_problems and --heldout_batch_size must be >= 1")
+    if script.heldout_split not in ("test", "validation"):
+        raise ValueError(f"--heldout_split must be test or validation, got {script.heldout_split!r}")
+    if script.heldout_split == "validation" and not script.reserve_validation:
+        raise ValueError("--heldout_split validation needs --reserve_validation true (else training draws from the validation problems)")
+    if script.test_num_problems < 0 or (script.test_num_problems and script.task is None):
+        raise ValueError("--test_num_problems takes N >= 0, and a --task (its test split)")
+    if script.soft_overlong_cache is not None:
+        overlong_reward(script, config)  # checks the values
     return script, config
+
+
+def overlong_reward(script: TrainScriptArguments, config):
+    """The soft overlong punishment reward function of --soft_overlong_cache / --soft_overlong_max_len."""
+    from tepo.training.overlong import SoftOverlongPunishment
+
+    max_len = config.max_completion_length if script.soft_overlong_max_len is None else script.soft_overlong_max_len
+    try:
+        return SoftOverlongPunishment(max_len=max_len, cache=script.soft_overlong_cache)
+    except ValueError as err:
+        raise ValueError(f"--soft_overlong_cache / --soft_overlong_max_len: {err}") from None
 
 
 def load_problems(script: TrainScriptArguments) -> tuple[list[dict], list[dict] | None]:
     """Training problems and held-out problems (None when held-out evaluation is off)."""
-    from tepo.tasks import load_task
+    from tepo.tasks import check_disjoint, load_task
 
     levels = _levels(script.levels)
     kwargs: dict[str, Any] = {"seed": script.task_seed}
@@ -132,7 +174,7 @@ def load_problems(script: TrainScriptArguments) -> tuple[list[dict], list[dict] 
         kwargs["levels"] = levels
     if script.num_problems is not None:
         kwargs["num_problems"] = script.num_problems
-    train = load_task(task=script.task, data=script.data, split="train", **kwargs)
+    train = load_task(task=script.task, data=script.data, split="train", reserve_validation=script.reserve_validation, **kwargs)
     if not train:
         raise ValueError(f"no training problems in {script.data or script.task}")
     heldout = None
@@ -143,12 +185,24 @@ def load_problems(script: TrainScriptArguments) -> tuple[list[dict], list[dict] 
         else:
             if levels is not None:
                 held_kwargs["levels"] = levels
-            heldout = load_task(task=script.task, split="test", **held_kwargs)
-        train_ids = {str(p["id"]) for p in train}
-        overlap = [p["id"] for p in heldout if str(p["id"]) in train_ids]
-        if overlap:
-            raise ValueError(f"held-out problems also in the training set (ids {overlap[:5]}...); use disjoint data")
+            heldout = load_task(task=script.task, split=script.heldout_split, **held_kwargs)
+        check_disjoint({"training": train, "held-out": heldout})
     return train, heldout
+
+
+def load_test_problems(script: TrainScriptArguments, train: list[dict], heldout: list[dict] | None) -> list[dict] | None:
+    """The test problems of --test_num_problems (None when 0), checked disjoint from the others by content."""
+    from tepo.tasks import check_disjoint, load_task
+
+    if not script.test_num_problems:
+        return None
+    kwargs: dict[str, Any] = {"seed": script.task_seed, "num_problems": script.test_num_problems}
+    if _levels(script.levels) is not None:
+        kwargs["levels"] = _levels(script.levels)
+    test = load_task(task=script.task, split="test", **kwargs)
+    others = {"training": train} if heldout is None or script.heldout_split == "test" else {"training": train, "validation": heldout}
+    check_disjoint({**others, "test": test})
+    return test
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -214,6 +268,7 @@ def _train(argv: list[str]) -> int:
     try:
         script, config = parse(argv)
         train_problems, heldout = load_problems(script)
+        test_problems = load_test_problems(script, train_problems, heldout)
         resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     except (ValueError, FileNotFoundError) as err:
         print(f"tepo train: error: {err}", file=sys.stderr)
@@ -244,8 +299,13 @@ def _train(argv: list[str]) -> int:
 
     # In-training evaluations use the batches of the ones before and after: in bf16, another batch size
     # (other padding) alone flips a few greedy answers, and the curve's last point must equal the table's.
-    trainer = TEPOTrainer(model=model_path, args=config, train_dataset=dataset, heldout_problems=heldout,
-                          heldout_batch_size=script.heldout_batch_size)
+    reward_funcs = None  # TEPOTrainer's default: the answer check
+    if script.soft_overlong_cache is not None:
+        from tepo.rewards import math_reward_func
+
+        reward_funcs = [math_reward_func, overlong_reward(script, config)]  # summed (reward_weights 1, 1)
+    trainer = TEPOTrainer(model=model_path, reward_funcs=reward_funcs, args=config, train_dataset=dataset,
+                          heldout_problems=heldout, heldout_batch_size=script.heldout_batch_size)
     max_new = config.heldout_max_new_tokens or config.max_completion_length
 
     before = None
@@ -287,6 +347,12 @@ def _train(argv: list[str]) -> int:
             after = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=step)
         if main:
             _write_json(out / "eval_after.json", after)
+    if test_problems:
+        _say(f"tepo train: greedy accuracy on {len(test_problems)} test problems...")
+        tested = heldout_eval(trainer, test_problems, max_new_tokens=max_new, batch_size=script.heldout_batch_size,
+                              step=int(trainer.state.global_step))
+        if main:
+            _write_json(out / "eval_test.json", tested)
 
     rows = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
     first, last = _reward_first_last(rows)
@@ -308,7 +374,10 @@ def _train(argv: list[str]) -> int:
     monitor = trainer.monitor_callback
     if monitor is not None and monitor.monitor.active():
         lines.append(f"  stability monitor  {', '.join(monitor.monitor.active())} (see monitor.json)")
+    if test_problems:
+        lines.append(f"  test accuracy      {tested['accuracy']:.1%} (greedy, {tested['num_problems']} problems, eval_test.json)")
     lines.append(f"  outputs            {out}/ (metrics.jsonl, eval_*.json, model)")
+    lines.append(f"  report             tepo report {out}")
     if main:
         print("\n".join(lines))
     return EXIT_OK

@@ -1,0 +1,132 @@
+"""Bootstrap intervals for a study: per arm, and for each pair of arms, paired by problem.
+
+The data of one arm is a verdict matrix V (seeds x problems, 1 = correct), every arm evaluated on
+the same problems in the same order. One bootstrap replicate:
+
+1. draws P problem indices with replacement, ONCE, shared by every arm (the pairing: a hard
+   problem drawn twice counts twice for every arm, so problem difficulty cancels in differences);
+2. draws, for each arm separately, S_arm seed indices with replacement (seeds are independent
+   training runs; seed s of one arm and seed s of another are not the same draw of anything that
+   the test measures);
+3. takes each arm's mean verdict over the drawn seeds and problems (with multiplicity).
+
+The arm's interval is the (alpha/2, 1 - alpha/2) percentile interval of its replicates; the
+difference A - B of two arms takes the same percentiles of the replicate differences. Quantities
+measured once per run (steps-to-target, end-of-run entropy) have no problem axis:
+`seed_bootstrap` resamples only the seeds within each arm (step 2).
+
+Resampling is by multinomial counts (the same as drawing indices), so a replicate is
+`u_b @ V @ w_b / (S P)` with u_b, w_b the seed and problem counts of replicate b.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Mapping
+
+import numpy as np
+
+DEFAULT_REPLICATES = 10_000
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Interval:
+    estimate: float
+    low: float
+    high: float
+    n: int  # seeds (arm) or the smaller arm's seeds (difference)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "n": self.n}
+
+
+@dataclass
+class BootstrapResult:
+    arms: dict[str, Interval]
+    pairs: dict[tuple[str, str], Interval]  # (a, b) -> a minus b, for every ordered pair a before b
+    replicates: dict[str, np.ndarray]  # arm -> (B,) replicate means
+    confidence: float
+    n_replicates: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {
+            "confidence": self.confidence, "replicates": self.n_replicates, "seed": self.seed,
+            "arms": {a: i.to_dict() for a, i in self.arms.items()},
+            "pairs": [{"a": a, "b": b, **i.to_dict()} for (a, b), i in self.pairs.items()],
+        }
+
+
+def _counts(rng: np.random.Generator, n: int, replicates: int) -> np.ndarray:
+    """(B, n) counts of a with-replacement draw of n out of n (divided by n later, so that 0/1
+    data give exact replicate means)."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
+def _check(confidence: float, replicates: int) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if replicates < 100:
+        raise ValueError(f"need at least 100 bootstrap replicates, got {replicates}")
+
+
+def _summarise(observed: Mapping[str, float], reps: dict[str, np.ndarray], sizes: Mapping[str, int],
+               confidence: float, replicates: int, seed: int) -> BootstrapResult:
+    arms = {a: Interval(float(observed[a]), *_percentiles(reps[a], confidence), sizes[a]) for a in reps}
+    pairs = {}
+    for a, b in combinations(list(reps), 2):
+        low, high = _percentiles(reps[a] - reps[b], confidence)
+        pairs[(a, b)] = Interval(float(observed[a] - observed[b]), low, high, min(sizes[a], sizes[b]))
+    return BootstrapResult(arms, pairs, reps, confidence, replicates, seed)
+
+
+def paired_bootstrap(verdicts: Mapping[str, np.ndarray], *, confidence: float = 0.95,
+                     replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED) -> BootstrapResult:
+    """Per-arm mean accuracy and pairwise differences, resampling seeds within arms and problems
+    jointly across arms (see the module doc).
+
+    verdicts: arm -> (seeds, problems) array of 0/1 (or any numbers), the same problems (columns)
+    for every arm. The estimate is the mean over seeds and problems of the observed matrix.
+    """
+    _check(confidence, replicates)
+    if not verdicts:
+        raise ValueError("paired_bootstrap: no arms")
+    mats = {a: np.asarray(v, dtype=np.float64) for a, v in verdicts.items()}
+    shapes = {a: m.shape for a, m in mats.items()}
+    bad = [a for a, m in mats.items() if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] < 1]
+    if bad:
+        raise ValueError(f"paired_bootstrap: arm(s) {bad} need a (seeds, problems) matrix, got shapes {[shapes[a] for a in bad]}")
+    problems = {m.shape[1] for m in mats.values()}
+    if len(problems) != 1:
+        raise ValueError(f"paired_bootstrap: arms are evaluated on different numbers of problems: {shapes}")
+    n_problems = problems.pop()
+    rng = np.random.default_rng(seed)
+    w = _counts(rng, n_problems, replicates)  # shared by every arm: the pairing
+    reps = {}
+    for arm, m in mats.items():  # arm order fixes the random stream, so a result is reproducible
+        u = _counts(rng, m.shape[0], replicates)
+        reps[arm] = np.einsum("bs,sp,bp->b", u, m, w) / (m.shape[0] * n_problems)
+    observed = {a: float(m.mean()) for a, m in mats.items()}
+    return _summarise(observed, reps, {a: m.shape[0] for a, m in mats.items()}, confidence, replicates, seed)
+
+
+def seed_bootstrap(values: Mapping[str, np.ndarray], *, confidence: float = 0.95,
+                   replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED) -> BootstrapResult:
+    """The same for one number per run (arm -> (seeds,)): resample seeds within each arm. Arms
+    with no finite value are left out."""
+    _check(confidence, replicates)
+    vecs = {a: np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64) for a, v in values.items()}
+    vecs = {a: v for a, v in vecs.items() if v.size}
+    rng = np.random.default_rng(seed)
+    reps = {a: _counts(rng, v.size, replicates) @ v / v.size for a, v in vecs.items()}
+    observed = {a: float(v.mean()) for a, v in vecs.items()}
+    return _summarise(observed, reps, {a: int(v.size) for a, v in vecs.items()}, confidence, replicates, seed)

@@ -1,0 +1,297 @@
+"""Studies: the splits, the paired bootstrap (known answers), `tepo study run` (resumes, skips what
+is done, refuses changed runs) and `tepo study report` (numbers recompute from stored verdicts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tepo.analysis.bootstrap import paired_bootstrap, seed_bootstrap
+from tepo.analysis.study import StudyError, load_study, select_settings
+from tepo.tasks import check_disjoint, make_problems
+from tepo.tasks.arithmetic import split_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# splits
+def test_train_validation_test_are_disjoint_by_content_and_deterministic():
+    train = make_problems(3000, levels=(1, 2, 3), split="train", seed=0, reserve_validation=True)
+    val = make_problems(300, levels=(1, 2, 3), split="validation", seed=0)
+    test = make_problems(600, levels=(1, 2, 3), split="test", seed=0)
+    check_disjoint({"train": train, "validation": val, "test": test})
+    for name, problems in (("train", train), ("validation", val), ("test", test)):
+        regions = {split_of(p["content"].split("|")[0], tuple(map(int, p["content"].split("|")[1].split(",")))) for p in problems}
+        assert regions == {name}
+    assert make_problems(300, levels=(1, 2, 3), split="validation", seed=0) == val
+    # without the reservation the train split keeps its old region, which holds validation problems
+    old_train = make_problems(3000, levels=(1, 2, 3), split="train", seed=0)
+    with pytest.raises(ValueError, match="train and validation problems overlap"):
+        check_disjoint({"train": old_train, "validation": val})
+    assert make_problems(400, levels=(1, 2), split="test", seed=0) == make_problems(400, levels=(1, 2), split="test", seed=0)
+
+
+def test_check_disjoint_compares_text_and_content_not_ids():
+    a = [{"id": "1", "problem": "Ava has 3 marbles.  How many?", "answer": "3"}]
+    with pytest.raises(ValueError, match="same text"):
+        check_disjoint({"train": a, "test": [{"id": "other", "problem": "ava has 3 marbles. how many?", "answer": "3"}]})
+    check_disjoint({"train": a, "test": [{"id": "1", "problem": "Ben has 4 cards.", "answer": "4"}]})  # same id, other problem
+    b = [{"id": "x", "problem": "Ben has 3 cards.", "answer": "3", "content": "add-find|3,4"}]
+    with pytest.raises(ValueError, match="same content 'add-find\\|3,4'"):
+        check_disjoint({"train": b, "test": [{"id": "y", "problem": "Tara has 3 shells.", "answer": "3", "content": "add-find|3,4"}]})
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap: constructed examples with known answers
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
+
+
+def _binom_quantile(q: float, n: int, p: float) -> int:
+    return next(k for k in range(n + 1) if _binom_cdf(k, n, p) >= q)
+
+
+def test_paired_bootstrap_difference_is_binomial_over_the_problems_where_arms_differ():
+    # Arm a and arm b agree on every problem except k = 30 of P = 200, where a is right and b wrong.
+    # Resampling problems jointly, the difference of a replicate is (number of those 30 drawn) / P,
+    # a Binomial(P, k/P) / P: its percentiles are known exactly, whatever the arms do elsewhere.
+    rng = np.random.default_rng(1)
+    P, k = 200, 30
+    base = (rng.random(P) < 0.5).astype(float)
+    a, b = base.copy(), base.copy()
+    a[:k], b[:k] = 1.0, 0.0
+    result = paired_bootstrap({"a": a[None, :], "b": b[None, :]}, replicates=40_000, seed=3)
+    pair = result.pairs[("a", "b")]
+    assert pair.estimate == pytest.approx(k / P, abs=1e-15)
+    for q, got in ((0.025, pair.low), (0.975, pair.high)):
+        # the empirical quantile lies within one binomial step of the exact one
+        assert abs(got - _binom_quantile(q, P, k / P) / P) <= 1.0 / P + 1e-12
+    diffs = result.replicates["a"] - result.replicates["b"]
+    assert diffs.var() == pytest.approx((k / P) * (1 - k / P) / P, rel=0.05)
+    # unpaired (problems drawn apart for each arm) the interval would be far wider: the pairing is real
+    unpaired_sd = math.sqrt(a.var() / P + b.var() / P)
+    assert diffs.std() < 0.6 * unpaired_sd
+
+
+def test_seed_resampling_within_an_arm_is_binomial_over_its_seeds():
+    # Arm a: 4 seeds, two right on every problem, two wrong on every problem; arm b: always wrong.
+    # Problems then do not matter and a replicate mean of a is Binomial(4, 1/2) / 4.
+    a = np.array([[1.0] * 50, [1.0] * 50, [0.0] * 50, [0.0] * 50])
+    b = np.zeros((3, 50))
+    result = paired_bootstrap({"a": a, "b": b}, replicates=40_000, seed=5)
+    assert np.all(result.replicates["b"] == 0.0)
+    values, counts = np.unique(np.round(result.replicates["a"], 12), return_counts=True)
+    assert values.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    exact = np.array([math.comb(4, j) / 16 for j in range(5)])
+    assert np.all(np.abs(counts / counts.sum() - exact) < 4 * np.sqrt(exact * (1 - exact) / 40_000))
+    assert result.arms["a"].estimate == 0.5 and (result.arms["a"].low, result.arms["a"].high) == (0.0, 1.0)
+
+
+def test_identical_arms_differ_by_exactly_zero_and_seed_bootstrap_matches():
+    # one seed each: only problems are resampled, jointly, so identical arms differ by 0 in every replicate
+    v = (np.random.default_rng(2).random((1, 60)) < 0.4).astype(float)
+    result = paired_bootstrap({"a": v, "b": v.copy()}, replicates=500, seed=0)
+    assert np.all(result.replicates["a"] == result.replicates["b"]) and result.replicates["a"].std() > 0
+    assert (result.pairs[("a", "b")].low, result.pairs[("a", "b")].high) == (0.0, 0.0)
+    s = seed_bootstrap({"x": np.array([10.0, 10.0, 10.0]), "y": np.array([4.0, 8.0])}, replicates=2000, seed=0)
+    assert (s.arms["x"].low, s.arms["x"].high) == (10.0, 10.0)
+    assert s.pairs[("x", "y")].estimate == 4.0
+    assert set(np.unique(np.round(s.replicates["y"], 12))) <= {4.0, 6.0, 8.0}
+    with pytest.raises(ValueError, match="different numbers of problems"):
+        paired_bootstrap({"a": np.ones((2, 3)), "b": np.ones((2, 4))})
+
+
+def test_paired_bootstrap_same_seed_same_answer():
+    v = {"a": np.eye(3), "b": np.ones((2, 3))}
+    assert paired_bootstrap(v, seed=4).to_dict() == paired_bootstrap(v, seed=4).to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# study runs with a fake trainer (no model: the study's bookkeeping alone)
+FAKE_TRAIN = textwrap.dedent('''
+    """A stand-in for `tepo train`: writes the files a run leaves, deterministically from its arguments."""
+    import json, os, signal, sys, time, zlib
+    from pathlib import Path
+    argv = sys.argv[1:]
+    opts = dict(zip(argv[::2], argv[1::2]))
+    out = Path(opts["--output_dir"]); out.mkdir(parents=True, exist_ok=True)
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps({"out": str(out), "args": argv}) + "\\n")
+    kill = os.environ.get("FAKE_KILL_STUDY_AT", "")
+    if kill and kill in str(out) and not Path(os.environ["FAKE_CALLS"] + ".killed").exists():
+        Path(os.environ["FAKE_CALLS"] + ".killed").write_text("1")
+        (out / "metrics.jsonl").write_text('{"step": 1}\\n')  # a partial run
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
+        sys.exit(1)
+    seed = int(opts["--seed"]); score = float(opts.get("--fake_score", "0.3"))
+    steps = 4
+    rows = [{"step": s, "reward_mean": 0.1 * s, "entropy_mean": 1.0 - 0.1 * s - 0.01 * seed,
+             "clip_frac": 0.05, **({"heldout_accuracy": score * s / steps} if s % 2 == 0 else {})} for s in range(1, steps + 1)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    (out / "run.json").write_text(json.dumps({"config": {"objective": opts.get("--objective"), "seed": seed}}))
+    (out / "eval_before.json").write_text(json.dumps({"accuracy": 0.0, "num_problems": int(opts["--heldout_num_problems"])}))
+    (out / "eval_after.json").write_text(json.dumps({"accuracy": score, "num_problems": int(opts["--heldout_num_problems"])}))
+    n = int(opts["--test_num_problems"])
+    if n:
+        key = zlib.crc32(f"{opts.get('--objective')}-{seed}-{score}".encode())
+        verdicts = [bool((key >> (i % 29)) & 1) ^ (i % 3 == 0) for i in range(n)]
+        (out / "eval_test.json").write_text(json.dumps({"accuracy": sum(verdicts) / n, "num_problems": n,
+                                                        "ids": [f"t{i}" for i in range(n)], "verdicts": verdicts}))
+    flagged = opts.get("--objective") == "dapo" and seed == 1
+    (out / "monitor.json").write_text(json.dumps({"verdicts": [{"kind": "entropy_fall", "severity": "warning", "first_step": 2,
+                                                                "last_step": 4, "message": "m"}] if flagged else []}))
+    (out / "checkpoint-4").mkdir(exist_ok=True); (out / "checkpoint-4" / "model.bin").write_text("weights")
+''')
+
+STUDY = textwrap.dedent('''
+    name: fake
+    description: two arms, one tuned over two settings
+    base: {task: arithmetic, max_steps: 4}
+    validation_problems: 20
+    test_problems: 30
+    target: 0.2
+    arms:
+      grpo: {objective: grpo}
+      dapo: {objective: dapo}
+    tuning:
+      seeds: [0]
+      grid:
+        dapo:
+          - {clip_high: 0.2, fake_score: 0.25}
+          - {clip_high: 0.28, fake_score: 0.4}
+          - {clip_high: 0.4, fake_score: 0.4}
+    final:
+      seeds: [1, 2]
+''')
+
+
+@pytest.fixture
+def fake_study(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY + f"results_dir: {tmp_path / 'results'}\nruns_dir: {tmp_path / 'runs'}\n")
+    calls = tmp_path / "calls.jsonl"
+    env = dict(os.environ, FAKE_CALLS=str(calls), PYTHONPATH=str(ROOT / "src"))
+
+    def run(*args, extra_env=None):
+        return subprocess.run([sys.executable, "-m", "tepo.cli", "study", *args, str(study), "--train_command",
+                               f"{sys.executable} {fake}"], env={**env, **(extra_env or {})}, capture_output=True,
+                              text=True, timeout=120)
+
+    def trained():
+        return [Path(json.loads(line)["out"]).relative_to(tmp_path / "runs").as_posix()
+                for line in calls.read_text().splitlines()] if calls.exists() else []
+
+    return study, run, trained, tmp_path
+
+
+def test_killed_study_resumes_and_skips_finished_runs(fake_study):
+    study, run, trained, tmp = fake_study
+    first = run("run", extra_env={"FAKE_KILL_STUDY_AT": "tuning/dapo/g1"})
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert trained() == ["tuning/dapo/g0-s0", "tuning/dapo/g1-s0"]
+    assert (tmp / "results/tuning/dapo/g0-s0/DONE.json").exists()
+    assert not (tmp / "results/tuning/dapo/g1-s0").exists()  # killed mid-run: nothing stored
+    second = run("run")
+    assert second.returncode == 0, second.stdout + second.stderr
+    order = trained()[2:]
+    assert "tuning/dapo/g0-s0" not in order  # not retrained
+    assert order[:2] == ["tuning/dapo/g1-s0", "tuning/dapo/g2-s0"]
+    assert sorted(order[2:]) == sorted(["final/grpo-s1", "final/dapo-s1", "final/grpo-s2", "final/dapo-s2"])
+    # the interrupted run was started again with --resume_from_checkpoint (it resumes when a checkpoint exists)
+    resumed = [json.loads(line)["args"] for line in (tmp / "calls.jsonl").read_text().splitlines()][2]
+    assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "true"
+    # the tie between g1 and g2 (both 0.4) goes to g1, the one listed first
+    assert select_settings(load_study(study))["dapo"]["selected"] == 1
+    dapo_final = json.loads((tmp / "results/final/dapo-s1/DONE.json").read_text())
+    assert dapo_final["options"] == {"objective": "dapo", "clip_high": 0.28, "fake_score": 0.4}
+    assert run("run").returncode == 0 and len(trained()) == 2 + len(order)  # a third call trains nothing
+    # only small files are stored; checkpoints stay in runs/
+    stored = {p.name for p in (tmp / "results").rglob("*") if p.is_file()}
+    assert "model.bin" not in stored and (tmp / "runs/final/dapo-s1/checkpoint-4/model.bin").exists()
+
+
+def test_study_refuses_a_finished_run_trained_otherwise(fake_study):
+    study, run, trained, tmp = fake_study
+    assert run("run").returncode == 0
+    study.write_text(study.read_text().replace("max_steps: 4", "max_steps: 5"))
+    again = run("run")
+    assert again.returncode == 2 and "finished with other training arguments" in again.stderr
+
+
+def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
+    study, run, trained, tmp = fake_study
+    assert run("run").returncode == 0
+    report = run("report")
+    assert report.returncode == 0, report.stderr
+    summary = json.loads((tmp / "results/report/summary.json").read_text())
+    verdicts = {}
+    for arm in ("grpo", "dapo"):
+        rows = [json.loads((tmp / f"results/final/{arm}-s{s}/eval_test.json").read_text())["verdicts"] for s in (1, 2)]
+        verdicts[arm] = np.array(rows, dtype=float)
+        assert summary["arms"][arm]["test_accuracy"]["estimate"] == pytest.approx(verdicts[arm].mean(), abs=1e-15)
+        for s, row in zip((1, 2), rows):
+            assert summary["arms"][arm]["test_accuracy_per_seed"][str(s)] == pytest.approx(sum(row) / len(row), abs=1e-15)
+    again = paired_bootstrap(verdicts, replicates=summary["replicates"], seed=summary["bootstrap_seed"])
+    pair = summary["pairs"]["test_accuracy"][0]
+    assert (pair["a"], pair["b"]) == ("grpo", "dapo")
+    assert (pair["estimate"], pair["low"], pair["high"]) == pytest.approx(
+        (again.pairs[("grpo", "dapo")].estimate, again.pairs[("grpo", "dapo")].low, again.pairs[("grpo", "dapo")].high), abs=1e-15)
+    # steps-to-target 0.2: heldout at steps 2, 4 is score*s/4: grpo 0.15, 0.3 -> step 4; dapo (0.4) 0.2 -> step 2
+    assert summary["arms"]["grpo"]["steps_to_target"]["estimate"] == 4.0
+    assert summary["arms"]["dapo"]["steps_to_target"]["estimate"] == 2.0
+    # end-of-run entropy: mean of the last 5 steps (all 4 here) of 1 - 0.1 s - 0.01 seed, over seeds 1 and 2
+    assert summary["arms"]["grpo"]["end_entropy"]["estimate"] == pytest.approx(1.0 - 0.25 - 0.015, abs=1e-12)
+    assert summary["arms"]["dapo"]["monitor_flagged"] == 1 and summary["arms"]["grpo"]["monitor_flagged"] == 0
+    md = (tmp / "results/report/summary.md").read_text()
+    assert "selected" in md and "grpo - dapo" in md
+    # a tampered verdict file is caught
+    path = tmp / "results/final/grpo-s1/eval_test.json"
+    data = json.loads(path.read_text())
+    data["verdicts"][0] = not data["verdicts"][0]
+    path.write_text(json.dumps(data))
+    assert "not the mean of its verdicts" in run("report").stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.replace("arms:", "arms:\n  bad: {seed: 3}"), "set by the study"),
+    (lambda s: s.replace("target: 0.2", ""), "'target'"),
+    (lambda s: s.replace("grid:\n    dapo:", "grid:\n    gspo:"), "not in 'arms'"),
+    (lambda s: s.replace("seeds: [1, 2]", "seeds: [1, 1]"), "listed twice"),
+    (lambda s: s.replace("task: arithmetic, ", ""), "task: arithmetic"),
+])
+def test_study_file_errors_name_the_problem(tmp_path, edit, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(edit(STUDY))
+    with pytest.raises(StudyError, match=message):
+        load_study(path)
+
+
+def test_shipped_studies_load():
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        study = load_study(path)
+        assert study.final_seeds and study.arms
+
+
+# --------------------------------------------------------------------------------------------
+# one run's report
+def test_one_run_report_marks_the_monitor_verdicts(fake_study):
+    study, run, trained, tmp = fake_study
+    assert run("run").returncode == 0
+    from tepo.analysis.cli import report_main
+
+    assert report_main([str(tmp / "results/final/dapo-s1")]) == 0
+    page = (tmp / "results/final/dapo-s1/report/index.html").read_text()
+    assert "entropy_fall" in page and "run.png" in page and (tmp / "results/final/dapo-s1/report/run.png").stat().st_size > 0
