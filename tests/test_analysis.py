@@ -300,6 +300,20 @@ def test_plan_is_seed_major_and_identical_but_for_objective_and_seed(tmp_path):
         cmp.plan_comparison(["grpo"], [0], tmp_path, ["--seed", "3"], known_objectives=["grpo"])
 
 
+def test_each_objective_gets_its_own_advantage_scale_unless_one_is_set(tmp_path):
+    def scales(train_args):
+        plan = cmp.plan_comparison(["grpo", "dr_grpo"], [0], tmp_path, train_args, train_command=["train"])
+        return [(p.objective, p.scale_rewards) for p in plan], [p.command for p in plan]
+
+    own, commands = scales(["--max_steps", "5"])
+    assert own == [("grpo", "group"), ("dr_grpo", "none")]  # Dr. GRPO: no division by the group std
+    assert not any("--scale_rewards" in c for c in commands)  # left unset: each run resolves its objective's
+    assert scales(["--scale_rewards=group"])[0] == [("grpo", "group"), ("dr_grpo", "group")]  # set for all
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scale_rewards: batch\n")
+    assert scales(["--config", str(recipe)])[0] == [("grpo", "batch"), ("dr_grpo", "batch")]
+
+
 def test_compare_runs_then_skips_finished_runs(tmp_path, fake_train, capsys):
     command, calls = fake_train
     out = tmp_path / "cmp"

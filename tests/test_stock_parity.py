@@ -72,6 +72,7 @@ def both(tmp_path, model_dir, shape: dict, **tepo_fields):
     ours = TEPOConfig(output_dir=str(tmp_path / "tepo"), **SETTINGS, **shape, **tepo_fields)
     stock = stock_trl_config(ours)
     stock.output_dir = str(tmp_path / "stock")
+    assert stock.scale_rewards == ours.resolved_scale_rewards()  # the same advantages (dr_grpo: "none")
     return train(TEPOTrainer, ours, model_dir), train(GRPOTrainer, stock, model_dir)
 
 
@@ -142,12 +143,21 @@ def test_stock_config_keeps_every_other_setting(tmp_path):
     stock = stock_trl_config(ours)
     a, b = ours.to_dict(), stock.to_dict()
     loss_fields = {"loss_type", "importance_sampling_level", "epsilon", "epsilon_high", "top_entropy_quantile",
-                   "entropy_coef"}
+                   "entropy_coef", "scale_rewards"}
     tepo_only = set(a) - set(b)
     assert {k for k in a if a[k] != b.get(k)} - loss_fields - tepo_only == set()
     assert (stock.loss_type, stock.importance_sampling_level) == ("dapo", "sequence")
     assert (stock.epsilon, stock.epsilon_high, stock.beta) == (3e-4, 1e-3, 0.0)
     assert stock.steps_per_generation == 4 and stock.generation_batch_size == ours.generation_batch_size
+
+
+def test_stock_config_takes_the_advantage_scale_tepo_trains_with(tmp_path):
+    def stock(**fields_):
+        return stock_trl_config(TEPOConfig(output_dir=str(tmp_path), **SETTINGS, **fields_)).scale_rewards
+
+    assert stock(objective="dr_grpo") == "none"  # Dr. GRPO: no division by the group std, on both sides
+    assert stock(objective="grpo") == stock(objective="tepo") == "group"
+    assert stock(objective="dr_grpo", scale_rewards="group") == "group"  # an explicit choice is kept
 
 
 @pytest.mark.parametrize(

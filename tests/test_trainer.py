@@ -95,6 +95,20 @@ def test_config_hparams_default_to_objective_defaults(tmp_path):
     assert cfg.objective_hparams()["max_len"] == 8  # the generation budget, not each batch's T
 
 
+def test_config_scale_rewards_defaults_to_the_objectives_own(tmp_path):
+    def cfg(**kw):
+        return TEPOConfig(output_dir=str(tmp_path), **BASE, **kw)
+
+    assert cfg(objective="dr_grpo").scale_rewards is None  # unset stays unset ...
+    assert cfg(objective="dr_grpo").resolved_scale_rewards() == "none"  # ... and means Dr. GRPO's own
+    assert cfg(objective="grpo").resolved_scale_rewards() == "group"
+    assert cfg(objective="dr_grpo", scale_rewards="group").resolved_scale_rewards() == "group"  # set wins
+    assert cfg(objective="grpo", scale_rewards="none").resolved_scale_rewards() == "none"
+    assert cfg(objective="dr_grpo", scale_rewards=True).resolved_scale_rewards() == "group"  # TRL's bools
+    with pytest.raises(ValueError, match="scale_rewards='std' is not one of group, batch, none"):
+        cfg(scale_rewards="std")
+
+
 # ----------------------------------------------------------------------------------------------
 # every objective trains
 
@@ -120,6 +134,61 @@ def test_each_objective_trains(tmp_path, objective):
     assert rows[1]["ratio_min"] < 1.0 < rows[1]["ratio_max"] or rows[1]["approx_kl"] > 0
     assert (rows[1]["kl_mask_frac"] is not None) == (objective == "tepo")
     assert (rows[1]["cov_selected"] is not None) == (objective in ("clip_cov", "kl_cov"))
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages: each objective's own scale
+
+
+class RecordedReward:
+    """parity_reward x 3 (0 or 3: a group's std is not 1), remembering what it returned, in order."""
+
+    __name__ = "recorded_reward"
+
+    def __init__(self):
+        self.returned: list[float] = []
+
+    def __call__(self, completions, **kwargs):
+        rewards = [3.0 * r for r in parity_reward(completions)]
+        self.returned.extend(rewards)
+        return rewards
+
+
+def expected_advantages(rewards: list[float], group: int, scale: str) -> list[float]:
+    """By hand: reward minus its group's mean; with scale "group" divided by the group's (unbiased)
+    std + 1e-4 (TRL's epsilon)."""
+    out = []
+    for g in range(0, len(rewards), group):
+        r = rewards[g:g + group]
+        mean = sum(r) / group
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / (group - 1))
+        out += [(x - mean) / (std + 1e-4) if scale == "group" else x - mean for x in r]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "objective, scale_rewards, scale",
+    [("dr_grpo", None, "none"), ("dr_grpo", "group", "group"), ("grpo", None, "group")],
+)
+def test_advantages_have_the_objectives_scale_unless_set(tmp_path, monkeypatch, objective, scale_rewards, scale):
+    seen = []
+    real = trainer_module.policy_loss
+
+    def spy(name, **kw):
+        seen.append(kw["advantages"].clone())
+        return real(name, **kw)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    reward = RecordedReward()
+    tr = make_trainer(tmp_path, reward=reward, objective=objective, scale_rewards=scale_rewards)
+    assert tr.scale_rewards == scale
+    tr.train()
+    assert len(reward.returned) == 16 and len(seen) == 2  # one rollout of 4 groups, trained in 2 steps
+    expected = torch.tensor(sorted(expected_advantages(reward.returned, 4, scale)))
+    got = torch.cat(seen).sort().values  # the rollout is shuffled before it is split into steps
+    assert got.abs().max() > 0.5, "every group agreed: nothing to compare"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Running (`tepo compare`): one `tepo train` subprocess per (objective, seed), one at a time, each in
 `DIR/runs/<objective>-s<seed>/` with its log in `train.log`. Every run gets the same arguments
 except `--objective` and `--seed`, so within a seed only the objective varies and within an
-objective only the seed (which drives data order and sampling). A run is finished when its `DONE`
+objective only the seed (which drives data order and sampling). Each objective trains on the
+advantages it is defined with (`scale_rewards` left unset: `tepo.objectives.advantage_scale`, "none"
+for dr_grpo, "group" for the others) unless the training arguments or the recipe set `scale_rewards`
+for all; each run's scale is recorded in compare.json. A run is finished when its `DONE`
 marker (written here after the trainer exits 0) or its `eval_after.json` exists. A rerun skips
 finished runs, and runs that failed (non-zero exit, e.g. stopped for non-finite values: that is a
 result too) unless `retry_failed`; it starts pending and interrupted runs, after moving what an
@@ -73,6 +76,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     command: list[str]
+    scale_rewards: str = ""  # the advantage scale the run trains with ("" when not known here)
 
     @property
     def name(self) -> str:
@@ -128,13 +132,47 @@ def plan_comparison(
             raise ValueError(f"{arg.split('=', 1)[0]} is set per run by tepo compare; remove it from the training arguments")
     command = list(train_command) if train_command is not None else default_train_command()
     runs_dir = Path(output_dir).resolve() / "runs"
+    shared_scale = scale_rewards_set_in(train_args)
     plan = []
     for seed in seeds:
         for objective in objectives:
             run_dir = runs_dir / run_name(objective, seed)
             cmd = [*command, "--objective", objective, "--seed", str(seed), "--output_dir", str(run_dir), *train_args]
-            plan.append(RunSpec(objective, int(seed), run_dir, cmd))
+            plan.append(RunSpec(objective, int(seed), run_dir, cmd, shared_scale or objective_scale(objective)))
     return plan
+
+
+def scale_rewards_set_in(train_args: Sequence[str]) -> str | None:
+    """The `scale_rewards` the training arguments set for every run (`--scale_rewards X`, or the
+    `--config` recipe's), or None: each run takes its objective's own."""
+    args = list(train_args)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name == "--scale_rewards":
+            return value or (args[i + 1] if i + 1 < len(args) else None)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name != "--config":
+            continue
+        recipe = value or (args[i + 1] if i + 1 < len(args) else "")
+        if recipe and Path(recipe).is_file():
+            import yaml
+
+            settings = yaml.safe_load(Path(recipe).read_text()) or {}
+            scale = settings.get("scale_rewards") if isinstance(settings, dict) else None
+            if scale is not None:
+                return {True: "group", False: "none"}.get(scale, str(scale))  # TRL reads booleans so
+    return None
+
+
+def objective_scale(objective: str) -> str:
+    """The advantage scale `objective` is defined with, "" when the registry does not know it."""
+    try:
+        from tepo.objectives import advantage_scale
+
+        return advantage_scale(objective)
+    except (ImportError, KeyError, ValueError):
+        return ""
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -252,6 +290,7 @@ def run_comparison(
     for spec in plan:
         record = {"name": spec.name, "objective": spec.objective, "seed": spec.seed, "run_dir": str(spec.run_dir),
                   "log": str(spec.run_dir / LOG_FILE), "command": list(spec.command), "status": "pending",
+                  "scale_rewards": spec.scale_rewards,
                   "attempts": prev_runs.get(spec.name, {}).get("attempts", 0)}
         records.append(record)
     state["runs"] = records

@@ -106,6 +106,15 @@ class TEPOConfig(GRPOConfig):
         },
     )
     stability_monitor: bool = field(default=True, metadata={"help": "Run tepo's stability monitor (writes monitor.json)."})
+    # TRL's field, with another default: unset means the objective's own scale (dr_grpo: none).
+    scale_rewards: str | None = field(
+        default=None,
+        metadata={
+            "help": "How rewards become advantages: group (reward minus its group's mean, divided by the group's "
+            "std), batch (divided by the batch's std) or none (no division; Dr. GRPO). Unset: the objective's own "
+            "(tepo.objectives.advantage_scale: none for dr_grpo, group for the others)."
+        },
+    )
 
     # TRL loss knobs our objective replaces: unset by default, refused when set (see REPLACED_TRL_FIELDS).
     loss_type: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
@@ -119,6 +128,7 @@ class TEPOConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_tepo_fields()
+        self._check_scale_rewards()
         super().__post_init__()
         self._check_batch_shape()
         self._warn_accumulation()
@@ -224,6 +234,16 @@ class TEPOConfig(GRPOConfig):
                 "prompt groups may span processes, so dropping one needs every rank's rewards"
             )
 
+    def _check_scale_rewards(self) -> None:
+        from tepo.objectives import ADVANTAGE_SCALES
+
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)  # as TRL
+        if self.scale_rewards is not None and self.scale_rewards not in ADVANTAGE_SCALES:
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} is not one of {', '.join(ADVANTAGE_SCALES)} "
+                f"(or unset: the objective's own, {self.resolved_scale_rewards()!r} for {self.objective})"
+            )
+
     def _map_reference_model(self) -> None:
         # TRL loads a reference model and computes ref log-probs only when its beta != 0.
         beta_kl = self.resolved_hparams()["beta_kl"]
@@ -237,6 +257,13 @@ class TEPOConfig(GRPOConfig):
         if hp["max_len"] is None:
             hp["max_len"] = max_len_default if max_len_default is not None else self.max_completion_length
         return hp
+
+    def resolved_scale_rewards(self) -> str:
+        """The advantage scale training uses (TRL's scale_rewards values): the one set, else the
+        objective's own (`tepo.objectives.advantage_scale`)."""
+        from tepo.objectives import advantage_scale
+
+        return self.scale_rewards if self.scale_rewards is not None else advantage_scale(self.objective)
 
     def resolved_hparams(self) -> dict[str, Any]:
         """Every hyper-parameter of the objective with the value the loss will use."""

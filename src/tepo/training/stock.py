@@ -13,7 +13,9 @@ Where stock TRL differs by design (the config is still built; the docs say so):
   uses the objective's aggregation over the whole step.
 The config sets `use_bias_correction_kl=False` (stock TRL 1.16's default, True, multiplies the KL to
 the reference by the importance ratio; tepo's KL term is the plain k3 estimator) and
-`vllm_importance_sampling_correction=False` (tepo refuses it).
+`vllm_importance_sampling_correction=False` (tepo refuses it), and `scale_rewards` to the advantage
+scale tepo trains with (`TEPOConfig.resolved_scale_rewards`: the objective's own unless set; "none"
+for dr_grpo, where stock TRL's default "group" would not be Dr. GRPO).
 What has no stock counterpart is refused: clip_cov, kl_cov, tepo's KL mask (tepo_kl_coef > 0),
 another aggregation than the objective's own, a KL estimator other than k3, a Dr. GRPO max_len
 other than max_completion_length.
@@ -76,6 +78,7 @@ def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
         epsilon=hp["clip_low"], epsilon_high=hp["clip_high"],
         beta=hp["beta_kl"], use_bias_correction_kl=False,  # tepo's KL term is the plain estimator
         entropy_coef=hp["entropy_coef"],
+        scale_rewards=config.resolved_scale_rewards(),  # the advantage scale tepo trains with (dr_grpo: none)
         vllm_importance_sampling_correction=False,  # tepo's pi_old is the trainer's recomputed log-probs
     )
     return GRPOConfig(**values)

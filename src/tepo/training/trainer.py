@@ -84,6 +84,8 @@ class TEPOTrainer(GRPOTrainer):
 
             reward_funcs = math_reward_func
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        # TRL read args.scale_rewards, which is None when unset: the objective's own scale (dr_grpo: none).
+        self.scale_rewards = args.resolved_scale_rewards()
         # Our policy_loss applies entropy_coef itself; TRL's own bonus branch lives in the
         # _compute_loss we replace, and this flag must not suggest otherwise.
         self._entropy_bonus_enabled = False
@@ -429,5 +431,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def summarize_hparams(args: TEPOConfig) -> dict[str, Any]:
-    """The objective and every hyper-parameter value the loss uses (for logs and run records)."""
-    return {"objective": args.objective, **args.resolved_hparams()}
+    """The objective, every hyper-parameter value the loss uses and the advantage scale (for logs and
+    run records)."""
+    return {"objective": args.objective, **args.resolved_hparams(), "scale_rewards": args.resolved_scale_rewards()}
