@@ -25,7 +25,10 @@ from pathlib import Path
 import pytest
 
 from tepo import rewards
+from tepo.rewards import verify as verify_mod
+from tepo.rewards import worker as worker_mod
 from tepo.rewards import canonical_answer, extract_answer, math_reward, math_reward_func, verify_answer
+from tepo.rewards.gold import prepare_gold
 
 CORPUS = Path(__file__).with_name("hostile_completions.jsonl")
 VERDICT_BOUND_S = 2.0
@@ -114,7 +117,7 @@ def test_guard_kills_an_overrunning_call_and_recovers(paths):
     pred = "9^{9^{9^{9}}}"  # past the pre-screen on purpose: straight to the worker
     before = rewards.verifier_stats().get("timeout", 0)
     start = time.perf_counter()
-    assert rewards._guarded_math_verify(pred, "5", 0.3) is False
+    assert worker_mod.guarded_math_verify("$" + pred + "$", prepare_gold("5"), 0.3) is False
     assert time.perf_counter() - start < VERDICT_BOUND_S
     assert rewards.verifier_stats().get("timeout", 0) == before + 1
     start = time.perf_counter()
@@ -126,14 +129,14 @@ def test_guard_kills_an_overrunning_call_and_recovers(paths):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_gets_its_own_worker(paths):
     """A forked process (a data-loader worker, say) must not talk over its parent's pipes."""
-    parent_worker = rewards._guard._active.proc.pid
+    parent_worker = worker_mod.guard._active.proc.pid
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report the verdict and the worker it used, then leave at once
         try:
-            rewards._verify_clean.cache_clear()
+            verify_mod.clear_cache()
             ok = verify_answer("\\sqrt{18}", "3\\sqrt{2}")
-            os.write(write_end, json.dumps([ok, rewards._guard._active.proc.pid]).encode())
+            os.write(write_end, json.dumps([ok, worker_mod.guard._active.proc.pid]).encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -141,7 +144,7 @@ def test_forked_child_gets_its_own_worker(paths):
     ok, child_worker = json.loads(os.read(read_end, 1000))
     os.close(read_end)
     assert ok is True and child_worker != parent_worker
-    assert verify_answer("\\sqrt{50}", "5\\sqrt{2}") and rewards._guard._active.proc.pid == parent_worker
+    assert verify_answer("\\sqrt{50}", "5\\sqrt{2}") and worker_mod.guard._active.proc.pid == parent_worker
 
 
 def test_off_main_thread(paths):
@@ -154,7 +157,7 @@ def test_off_main_thread(paths):
             start = time.perf_counter()
             r1 = math_reward_func(["\\boxed{\\sqrt{8}}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{(1,3]}"],
                                   answer=["2\\sqrt{2}", "5", "(1, 3]"])
-            r2 = rewards._guarded_math_verify("(10^{6})!", "5", 1.5)
+            r2 = worker_mod.guarded_math_verify("$(10^{6})!$", prepare_gold("5"), 1.5)
             results.append((r1, r2, time.perf_counter() - start))
         except BaseException as err:  # noqa: BLE001 - reported below
             results.append(err)

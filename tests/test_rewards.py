@@ -11,13 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tepo import rewards
+from tepo.rewards import gold as gold_mod
+from tepo.rewards import verify as verify_mod
+from tepo.rewards import worker as worker_mod
 from tepo.rewards import (
+    GoldError,
     MAX_ANSWER_CHARS,
     canonical_answer,
     extract_answer,
     math_reward,
     math_reward_func,
+    prepare_golds,
     refusal_reason,
     verify_answer,
 )
@@ -46,7 +50,7 @@ DATA_DIR = Path(os.environ.get("TEPO_DATA_DIR", Path(__file__).resolve().parents
         ("The final answer is 3.5. I hope it is correct.", "3.5"),
         ("the FINAL ANSWER IS: 12", "12"),
         ("work\n#### 1,000\n", "1,000"),
-        ("\\boxed{2} but the final answer is 3", "2"),  # a box wins over the phrase
+        ("\\boxed{2} but the final answer is 3", "3"),  # the answer stated last wins
         ("no answer here", None),
         ("", None),
         ("\\boxed{}", None),
@@ -163,11 +167,12 @@ def test_plain_numbers_never_reach_math_verify(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("math-verify called for plain numbers")
 
-    monkeypatch.setattr(rewards, "_guarded_math_verify", boom)
-    rewards._verify_clean.cache_clear()
-    for pred, gold in [("0.5", "\\frac{1}{2}"), ("1,000", "1000"), ("x = 5", "5"), ("25\\%", "25"), ("\\$5", "5"), ("6", "5")]:
+    monkeypatch.setattr(verify_mod, "guarded_math_verify", boom)
+    verify_mod.clear_cache()
+    for pred, gold in [("0.5", "\\frac{1}{2}"), ("1,000", "1000"), ("1 000", "1000"), ("x = 5", "5"), ("25\\%", "25"),
+                       ("\\$5", "5"), ("6", "5")]:
         verify_answer(pred, gold)
-    rewards._verify_clean.cache_clear()
+    verify_mod.clear_cache()
 
 
 @settings(max_examples=200, deadline=None)
@@ -226,10 +231,10 @@ def test_refusal_reason(pred, gold, refused):
 
 
 def test_refused_answer_is_wrong_without_math_verify(monkeypatch):
-    monkeypatch.setattr(rewards, "_guarded_math_verify", lambda *a: pytest.fail("math-verify reached"))
-    rewards._verify_clean.cache_clear()
+    monkeypatch.setattr(verify_mod, "guarded_math_verify", lambda *a: pytest.fail("math-verify reached"))
+    verify_mod.clear_cache()
     assert verify_answer("9^{9^{9^{9}}}", "5") is False
-    rewards._verify_clean.cache_clear()
+    verify_mod.clear_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,3 +299,163 @@ def test_every_gold_answer_verifies_against_itself():
             if math_reward(f"So the answer is \\boxed{{{gold}}}.", gold) != 1.0:
                 failures.append((name, gold))
     assert not failures, failures[:10]
+
+
+# --------------------------------------------------------------------------------------------
+# classes where graders disagreed (issue 15): each of these failed before its fix
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [
+        ("The solutions are \\boxed{(2, 2)} and \\boxed{(6, 2)}.", "(2, 2), (6, 2)"),
+        ("The roots are $\\boxed{-3}$ and $\\boxed{5}$.", "-3, 5"),
+        ("So $x = \\boxed{2}$ or $x = \\boxed{3}$.", "2, 3"),
+        ("\\boxed{k = 45} \\quad \\boxed{n = 2}", "45, 2"),
+        ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1, 2, 3\\}"),
+        ("\\boxed{3},\\boxed{1},\\boxed{2}", "1,2,3"),  # the parts of a list, in any order
+    ],
+)
+def test_several_final_boxes_are_judged_together_against_a_gold_with_several_parts(completion, gold):
+    assert math_reward(completion, gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, gold, reward",
+    [
+        ("\\boxed{1},\\boxed{2}", "2", 1.0),  # one-part gold: the last box alone, as before
+        ("\\boxed{1},\\boxed{2}", "1", 0.0),
+        ("\\boxed{2} and \\boxed{3}", "2, 3, 4", 0.0),  # a part missing
+        ("first \\boxed{2}, then after more work \\boxed{3}", "2, 3", 0.0),  # not one final run
+        ("\\boxed{(2, 2)} and \\boxed{(7, 2)}", "(2, 2), (6, 2)", 0.0),
+    ],
+)
+def test_several_boxes_are_not_a_free_pass(completion, gold, reward):
+    assert math_reward(completion, gold) == reward
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("At first I thought \\boxed{2}. Checking again, the final answer is 3.", "3"),
+        ("\\boxed{2}\n#### 5", "5"),
+        ("The final answer is 4. Written out: \\boxed{5}", "5"),
+        ("The final answer is $\\boxed{7}$.", "7"),
+    ],
+)
+def test_the_answer_stated_last_wins_whatever_its_form(completion, answer):
+    assert extract_answer(completion) == answer
+    assert math_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("x \\in [-2,7]", "-2 \\le x \\le 7"),
+        ("x \\in (3, \\infty)", "x > 3"),
+        ("(-\\infty, 1]", "x \\leq 1"),
+        ("(-\\infty,-1) \\cup (2,\\infty)", "x < -1 \\text{ or } x > 2"),
+        ("[0, \\frac{\\pi}{2})", "0 \\le t < \\frac{\\pi}{2}"),
+    ],
+)
+def test_intervals_and_inequalities_are_equal_in_both_directions(a, b):
+    assert verify_answer(a, b) and verify_answer(b, a)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("-2 \\le x \\le 7", "[-2, 7)"),  # the end point
+        ("x > 3", "[3, \\infty)"),
+        ("x < 3", "(3, \\infty)"),  # the direction
+    ],
+)
+def test_intervals_that_differ_stay_different(a, b):
+    assert not verify_answer(a, b) and not verify_answer(b, a)
+
+
+@pytest.mark.parametrize(
+    "pred, gold, equal",
+    [
+        ("1 000", "1000", True),
+        ("1 000", "0", False),  # never 1*000
+        ("12\\,345\\,678", "12345678", True),
+        ("\\$1 250", "1250", True),
+        ("0,111", "111", False),  # never 111 ...
+        ("0,111", "0.111", False),  # ... and never a decimal comma (ambiguous: not read)
+        ("0,111", "0, 111", True),  # a list of two numbers
+        ("3,5", "3.5", False),
+        ("1,2", "12", False),
+        ("58,500", "58500", True),
+        ("29,\\!322", "29322", True),
+        ("(312, 123, 231)", "(312,123,231)", True),  # in brackets a comma separates items
+        ("2 3", "6", False),  # spaced digits in no grouping: no number (math-verify reads 5)
+        ("2 3", "5", False),
+        ("0 5", "5", False),
+        ("\\frac 3 8", "0.375", True),  # two arguments of \frac, not a grouping
+    ],
+)
+def test_digit_grouping_and_commas_between_digits(pred, gold, equal):
+    assert verify_answer(pred, gold) is equal
+
+
+@pytest.mark.parametrize(
+    "pred, gold, equal",
+    [
+        ("1", "1 - \\frac{1}{\\mathrm{e}}", False),
+        ("1 - \\frac{1}{e}", "1 - \\frac{1}{\\mathrm{e}}", True),
+        ("1 - e^{-1}", "1 - \\frac{1}{\\mathrm{e}}", True),
+        ("\\mathrm{e}^{2}", "e^2", True),
+        ("e^{2}", "\\text{e}^{2}", True),
+        ("2", "\\mathrm{e}^{2}", False),
+    ],
+)
+def test_eulers_number_in_any_typeface(pred, gold, equal):
+    assert verify_answer(pred, gold) is equal
+
+
+def test_a_slow_first_parse_of_a_gold_is_not_remembered_as_a_failure(monkeypatch):
+    """Under load the first parse of a gold can exceed a short budget; it must not turn every
+    later answer to that problem into a 0. Simulated: math-verify's first parse of this text
+    "takes" 2 s (later ones are quick), so a budget under 2 s gets what math-verify returns on a
+    timeout (nothing)."""
+    import math_verify
+
+    gold = "F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}"
+    real_parse = math_verify.parse
+    first = []
+
+    def slow_parse(text, *args, parsing_timeout=5, **kwargs):
+        if "F_{n-k-1}" in text and not first:
+            first.append(parsing_timeout)
+            if parsing_timeout is not None and parsing_timeout < 2:
+                return []
+        return real_parse(text, *args, parsing_timeout=parsing_timeout, **kwargs)
+
+    monkeypatch.setattr(math_verify, "parse", slow_parse)
+    monkeypatch.setattr(worker_mod.guard, "unavailable", "off in this test: math-verify runs in this process")
+    monkeypatch.setattr(gold_mod, "_cache", {})
+    verify_mod.clear_cache()
+    try:
+        assert math_reward(f"So \\boxed{{{gold}}}.", gold) == 1.0
+        assert math_reward(f"Hence \\boxed{{ {gold} }}", gold) == 1.0  # a later identical answer
+        assert math_reward("\\boxed{F_n = 0}", gold) == 0.0
+        assert first  # the simulated slow parse did happen
+    finally:
+        verify_mod.clear_cache()
+
+
+def test_golds_are_prepared_at_load_time_and_a_bad_one_is_reported_with_its_row_and_id():
+    problems = [{"id": "p1", "answer": "\\frac{1}{2}"}, {"id": "p2", "answer": "x \\in [-2,7]"},
+                {"id": "p3", "answer": "\\"}, {"id": "p4", "answer": "2 3"}]
+    with pytest.raises(GoldError) as err:
+        prepare_golds(problems, source="data.jsonl")
+    message = str(err.value)
+    assert "2 gold answer(s)" in message
+    assert "data.jsonl, row 3 (id 'p3')" in message and "cannot parse" in message
+    assert "data.jsonl, row 4 (id 'p4')" in message and "spaces" in message
+    assert "p1" not in message and "p2" not in message
+    assert prepare_golds(problems[:2], source="data.jsonl") == 2
+    assert gold_mod.prepare_gold("x \\in [-2,7]").parsed  # parsed once, kept
+    with pytest.raises(GoldError):  # a caller that skipped preparation still gets an error, not a silent 0
+        math_reward("\\boxed{1}", "\\")
