@@ -48,6 +48,19 @@ def _nonnegative(name: str, value: Any) -> float:
     return value
 
 
+def _positive(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if value <= 0:
+        raise InvalidHyperparameterError(f"hyper-parameter {name} must be > 0, got {value!r}")
+    return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidHyperparameterError(f"hyper-parameter {name} must be True or False, got {value!r}")
+    return value
+
+
 def _clip_low(name: str, value: Any) -> float:
     value = _number(name, value)
     if not 0.0 <= value <= 1.0:
@@ -100,6 +113,15 @@ HPARAM_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "cov_lb": _number,
     "cov_ub": _number,
     "kl_cov_coef": _nonnegative,
+    "sapo_temperature_pos": _positive,
+    "sapo_temperature_neg": _positive,
+    "vespo_k_pos": _nonnegative,
+    "vespo_lambda_pos": _positive,
+    "vespo_k_neg": _nonnegative,
+    "vespo_lambda_neg": _positive,
+    "log_clip_low": _nonnegative,
+    "log_clip_high": _nonnegative,
+    "gpg_alpha_rescale": _boolean,
 }
 
 
