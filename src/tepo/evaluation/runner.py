@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tepo.evaluation.estimators import avg_at_n, bootstrap_ci, maj_at_k, pass_at_k
 from tepo.evaluation.generation import GenerationBackend, HFBackend, derive_seed, load_backend
-from tepo.rewards import canonical_answer, extract_answer, verify_answer
+from tepo.rewards import canonical_answer, judge, prepare_golds
 from tepo.tasks.prompts import build_messages
 
 GREEDY = "greedy"  # the `sample` field of a greedy row; sampled rows carry 0..n-1
@@ -34,8 +34,7 @@ class ConfigMismatchError(ValueError):
 
 def score_completion(completion: str, gold: str) -> dict[str, Any]:
     """The extracted answer, its canonical form (what maj@k votes on) and the verdict."""
-    answer = extract_answer(completion)
-    correct = bool(answer is not None and verify_answer(answer, gold))
+    answer, correct = judge(completion, gold)  # several final boxes count together for a gold with several parts
     return {"answer": answer, "canonical": canonical_answer(completion) if answer is not None else None, "correct": correct}
 
 
@@ -335,6 +334,8 @@ def evaluate(
 
     ks = _check_ks(n, ks, greedy)
     problems = {name: load_benchmark(name, data_dir=data_dir, limit=limit) for name in benchmarks}
+    for name, probs in problems.items():  # gold answers parsed once, now: a bad one is reported before the model loads
+        prepare_golds(probs, source=f"benchmark {name}")
     is_backend = isinstance(model, GenerationBackend)
     model_id = model.name if is_backend else resolve_model(model)
     config = {

@@ -20,12 +20,13 @@ from typing import Any, Iterable
 from tepo.rewards.forms import count_parts, math_verify_form
 from tepo.rewards.numbers import Number, plain_number
 from tepo.rewards.stats import stats
+from tepo.tasks.data import DataError
 
 GOLD_PARSE_TIMEOUT_S = 60  # math-verify's budget for one gold answer (trusted; parsed once)
 
 
-class GoldError(ValueError):
-    """A gold answer that cannot be used (not a string, empty, or unparseable)."""
+class GoldError(DataError):
+    """A gold answer that cannot be used (not a string, empty, or unparseable): a data error."""
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,12 @@ def _train(argv: list[str]) -> int:
         script, config = parse(argv)
         train_problems, heldout = load_problems(script)
         test_problems = load_test_problems(script, train_problems, heldout)
+        # gold answers parsed once, now: one that cannot be judged is reported before any model loads
+        from tepo.rewards import prepare_golds
+
+        for source, problems in ((script.data or script.task, train_problems), (script.heldout_data or script.task, heldout),
+                                 (script.task, test_problems)):
+            prepare_golds(problems or [], source=str(source))
         resume = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     except (ValueError, FileNotFoundError) as err:
         print(f"tepo train: error: {err}", file=sys.stderr)
