@@ -303,7 +303,7 @@ def check_identity(study: Study, run: StudyRun) -> None:
         return
     record = _read_json(done)
     now = train_args(study, run)
-    if record.get("args") != now or record.get("recipe_sha256", "") != study.recipe_digest():
+    if _portable(record.get("args")) != _portable(now) or record.get("recipe_sha256", "") != study.recipe_digest():
         then = record.get("args") or []
         raise StudyError(
             f"{run.key} finished with other training arguments or another recipe than the study file gives now:\n"
@@ -311,6 +311,17 @@ def check_identity(study: Study, run: StudyRun) -> None:
             f"  now:  {shlex.join(now)} (recipe {study.recipe_digest()})\n"
             f"restore the study file, or move {run.results(study)} away to train it again"
         )
+
+
+def _portable(args: Sequence[str] | None) -> list[str] | None:
+    """Arguments as compared across checkouts: the recipe by content (recipe_sha256), not by path."""
+    if args is None:
+        return None
+    args = list(args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--config":
+            args[i + 1] = "<recipe>"
+    return args
 
 
 # ---- selection -------------------------------------------------------------------------------
