@@ -54,6 +54,14 @@ METRIC_KEYS = (
 # Written when present.
 EXTRA_KEYS = (
     "heldout_accuracy",
+    # rollout correction of vLLM rollouts (tepo.training.rollout_correction, docs/rollout-correction.md)
+    "rollout_logp_gap",
+    "rollout_logp_gap_max",
+    "rollout_is_ratio_mean",
+    "rollout_is_ratio_min",
+    "rollout_is_ratio_max",
+    "rollout_is_masked_frac",
+    "rollout_is_truncated_frac",
     "nonfinite_skipped",
     "rollout",
     "dynamic_sampling/rounds",

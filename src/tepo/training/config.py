@@ -44,9 +44,6 @@ REPLACED_TRL_FIELDS: dict[str, tuple[Any, str]] = {
     "off_policy_mask_threshold": (None, "leave it unset (off-policy sequence masking is not supported)"),
     "use_bias_correction_kl": (False, "leave it false (the KL term is the plain estimator of --kl_estimator)"),
     "use_adaptive_entropy": (False, "set a constant --entropy_coef instead"),
-    "vllm_importance_sampling_correction": (
-        False, "set it to false (the objectives take the trainer's recomputed log-probs as pi_old)"
-    ),
 }
 
 
@@ -121,7 +118,6 @@ class TEPOConfig(GRPOConfig):
     epsilon: float | None = field(default=None, metadata={"help": "Not used: set --clip_low."})
     importance_sampling_level: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
     top_entropy_quantile: float | None = field(default=None, metadata={"help": "Not used."})
-    vllm_importance_sampling_correction: bool = field(default=False, metadata={"help": "Not supported (must be false)."})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported (must be false)."})
     # metrics.jsonl has one row per optimiser step.
     logging_steps: float = field(default=1, metadata={"help": "Must be 1: metrics.jsonl logs every optimiser step."})
@@ -130,6 +126,7 @@ class TEPOConfig(GRPOConfig):
         self._check_tepo_fields()
         self._check_scale_rewards()
         super().__post_init__()
+        self._check_rollout_correction()
         self._check_batch_shape()
         self._warn_accumulation()
         self._map_reference_model()
@@ -200,6 +197,17 @@ class TEPOConfig(GRPOConfig):
             raise ValueError(f"heldout_max_new_tokens={self.heldout_max_new_tokens!r} must be a positive integer")
         if self.temperature is None or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (sampled rollouts)")
+
+    def _check_rollout_correction(self) -> None:
+        # TRL's vllm_importance_sampling_* options, applied by tepo.training.rollout_correction (after
+        # super().__post_init__, which maps the deprecated vllm_importance_sampling_cap onto _clip_max).
+        from tepo.training.rollout_correction import RolloutCorrection
+
+        if self.vllm_importance_sampling_correction:
+            RolloutCorrection(
+                self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
+                self.vllm_importance_sampling_clip_max,
+            )
 
     def _warn_accumulation(self) -> None:
         # Token-mean objectives are rescaled to the whole step's token count (trainer: token_mean_scale)

@@ -27,6 +27,7 @@ names by min / max, the rest token-weighted over micro-batches and processes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from tepo.objectives import policy_loss
-from tepo.training import sampling
+from tepo.training import rollout_correction, sampling, vllm_sync
 from tepo.training.distributed import token_mean_scale
 from tepo.training.step_metrics import StepMetrics, gather_micro_batch
 from tepo.training.callbacks import (
@@ -83,7 +84,9 @@ class TEPOTrainer(GRPOTrainer):
             from tepo.rewards import math_reward_func
 
             reward_funcs = math_reward_func
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        # use_vllm: TRL's engine, with tepo's weight sync into CPU engines (tepo.training.vllm_sync).
+        with vllm_sync.engine_class() if args.use_vllm else contextlib.nullcontext():
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         # TRL read args.scale_rewards, which is None when unset: the objective's own scale (dr_grpo: none).
         self.scale_rewards = args.resolved_scale_rewards()
         # Our policy_loss applies entropy_coef itself; TRL's own bonus branch lives in the
@@ -105,6 +108,8 @@ class TEPOTrainer(GRPOTrainer):
         self._step_metrics = {"train": StepMetrics(), "eval": StepMetrics()}  # see _log_loss_metrics
         # Objective-independent per-token weights on the policy term, applied in this order (see _token_weight).
         self.token_weights: list = []
+        # The sampler-vs-trainer correction of vLLM rollouts (TRL's vllm_importance_sampling_* options).
+        self.token_weights.extend(rollout_correction.install(self, args))
 
         # Callbacks, in the order they must see each step: the clock stops before any evaluation,
         # the monitor annotates the logs before the writer writes them.
