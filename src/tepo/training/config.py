@@ -31,11 +31,21 @@ HPARAM_FIELDS = (
     "cov_lb",
     "cov_ub",
     "kl_cov_coef",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "log_clip_low",
+    "log_clip_high",
+    "gpg_alpha_rescale",
 )
 
 # TRL loss knobs our objective replaces: field -> (value that means "unset", what to use instead).
 REPLACED_TRL_FIELDS: dict[str, tuple[Any, str]] = {
-    "loss_type": (None, "set --objective (grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov) instead"),
+    "loss_type": (None, "set --objective (grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov, cispo, sapo, "
+                  "luspo, vespo, gmpo, gpg) instead"),
     "epsilon": (None, "set --clip_low instead"),
     "epsilon_high": (None, "set --clip_high instead"),
     "importance_sampling_level": (None, "set --objective gspo, gspo_token or tepo for sequence-level ratios instead"),
@@ -55,7 +65,8 @@ class TEPOConfig(GRPOConfig):
 
     objective: str = field(
         default="tepo",
-        metadata={"help": "Policy objective: grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov."},
+        metadata={"help": "Policy objective: grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov, "
+                          "cispo, sapo, luspo, vespo, gmpo, gpg."},
     )
     clip_low: float | None = field(default=None, metadata={"help": "Lower clip: ratio >= 1 - clip_low. None: objective default."})
     clip_high: float | None = field(default=None, metadata={"help": "Upper clip: ratio <= 1 + clip_high. None: objective default."})
@@ -79,6 +90,18 @@ class TEPOConfig(GRPOConfig):
     cov_lb: float | None = field(default=None, metadata={"help": "Clip-Cov: lower covariance bound of candidates."})
     cov_ub: float | None = field(default=None, metadata={"help": "Clip-Cov: upper covariance bound of candidates."})
     kl_cov_coef: float | None = field(default=None, metadata={"help": "KL-Cov: coefficient of |logp - old_logp| on selected tokens."})
+    # The sapo_/vespo_ fields redefine GRPOConfig's (same names and meaning), now applied by our loss.
+    sapo_temperature_pos: float | None = field(default=None, metadata={"help": "SAPO: gate temperature where A > 0."})
+    sapo_temperature_neg: float | None = field(default=None, metadata={"help": "SAPO: gate temperature where A <= 0."})
+    vespo_k_pos: float | None = field(default=None, metadata={"help": "VESPO: power k of phi(W) = W^k e^(lambda (1-W)) where A >= 0."})
+    vespo_lambda_pos: float | None = field(default=None, metadata={"help": "VESPO: decay lambda of phi where A >= 0."})
+    vespo_k_neg: float | None = field(default=None, metadata={"help": "VESPO: power k of phi where A < 0."})
+    vespo_lambda_neg: float | None = field(default=None, metadata={"help": "VESPO: decay lambda of phi where A < 0."})
+    log_clip_low: float | None = field(default=None, metadata={"help": "GMPO: token log-ratio clipped at >= -log_clip_low (A <= 0)."})
+    log_clip_high: float | None = field(default=None, metadata={"help": "GMPO: token log-ratio clipped at <= log_clip_high (A > 0)."})
+    gpg_alpha_rescale: bool | None = field(
+        default=None, metadata={"help": "GPG: scale the loss by rows / rows with a nonzero advantage (per micro-batch)."}
+    )
 
     dynamic_sampling: bool = field(
         default=False,
@@ -218,6 +241,14 @@ class TEPOConfig(GRPOConfig):
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps}: {self.objective} selects its "
                 f"tokens by covariance within each micro-batch of {self.per_device_train_batch_size} completions, "
                 "not over the whole optimiser step; use 1 to select over the step",
+                stacklevel=3,
+            )
+        if (self.gradient_accumulation_steps > 1 and self.objective == "gpg"
+                and self.resolved_hparams()["gpg_alpha_rescale"]):
+            warnings.warn(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps}: gpg's alpha (rows / rows with a "
+                f"nonzero advantage) is counted within each micro-batch of {self.per_device_train_batch_size} "
+                "completions, not over the whole optimiser step; use 1 to count over the step",
                 stacklevel=3,
             )
 

@@ -1,6 +1,7 @@
 """Stock TRL's `GRPOConfig` for a `TEPOConfig`: the same run with TRL's own loss, for comparison.
 
-Six objectives have a stock TRL 1.16 counterpart (loss_type x importance_sampling_level x epsilon);
+Ten objectives have a stock TRL 1.16 counterpart (loss_type x importance_sampling_level x epsilon),
+and gmpo has TRL's experimental `GMPOTrainer` (`stock_trl_trainer_class`);
 `tests/test_stock_parity.py` shows `TEPOTrainer` and stock `GRPOTrainer` take the same optimiser
 steps with them, up to the differences below. `bench/stock_trl.py` trains stock TRL from a
 `tepo train` command line with this.
@@ -16,7 +17,11 @@ the reference by the importance ratio; tepo's KL term is the plain k3 estimator)
 `vllm_importance_sampling_correction=False` (tepo refuses it), and `scale_rewards` to the advantage
 scale tepo trains with (`TEPOConfig.resolved_scale_rewards`: the objective's own unless set; "none"
 for dr_grpo, where stock TRL's default "group" would not be Dr. GRPO).
-What has no stock counterpart is refused: clip_cov, kl_cov, tepo's KL mask (tepo_kl_coef > 0),
+Where TRL's hyper-parameters are named or bounded differently: cispo's cap 1 + clip_high is TRL's
+`epsilon_high` itself (ScaleRL's eps_max), and TRL has no lower bound (clip_low must be 1: a bound
+of 0); gmpo's log_clip_low/log_clip_high are GMPOConfig's log-space `epsilon`/`epsilon_high`.
+What has no stock counterpart is refused: clip_cov, kl_cov, gpg, tepo's KL mask (tepo_kl_coef > 0),
+cispo with a lower bound (clip_low < 1), gmpo with an entropy bonus (GMPOTrainer has none),
 another aggregation than the objective's own, a KL estimator other than k3, a Dr. GRPO max_len
 other than max_completion_length.
 """
@@ -40,7 +45,40 @@ STOCK_TRL_LOSS: dict[str, dict[str, Any]] = {
     "gspo_token": dict(loss_type="grpo", importance_sampling_level="sequence"),
     # TEPO as first published: the sequence ratio with token-level aggregation
     "tepo": dict(loss_type="dapo", importance_sampling_level="sequence"),
+    "cispo": dict(loss_type="cispo", importance_sampling_level="token"),
+    "sapo": dict(loss_type="sapo", importance_sampling_level="token"),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo", importance_sampling_level="token"),
+    # trl.experimental.gmpo.GMPOTrainer with a GMPOConfig: its own loss, loss_type unused; "gmpo" makes
+    # a plain GRPOTrainer refuse the config (Unknown loss type) instead of training dapo, its default
+    "gmpo": dict(loss_type="gmpo", importance_sampling_level="token"),
 }
+
+
+def _stock_loss_hparams(objective: str, hp: dict[str, Any]) -> dict[str, Any]:
+    """GRPOConfig fields carrying the objective's own hyper-parameters, in TRL's names and units."""
+    if objective == "cispo":  # TRL caps the weight at epsilon_high itself and has no lower bound
+        if hp["clip_low"] != 1.0:
+            raise ValueError(f"clip_low={hp['clip_low']!r}: stock TRL's cispo has no lower bound (set clip_low=1)")
+        return dict(epsilon=hp["clip_low"], epsilon_high=1.0 + hp["clip_high"])
+    if objective == "gmpo":  # GMPOConfig's epsilons are log-space bounds
+        if hp["entropy_coef"] != 0:
+            raise ValueError(f"entropy_coef={hp['entropy_coef']!r}: stock TRL's GMPOTrainer has no entropy bonus")
+        return dict(epsilon=hp["log_clip_low"], epsilon_high=hp["log_clip_high"])
+    if objective in ("sapo", "vespo"):  # no clip; TRL's fields have our names
+        return {k: v for k, v in hp.items() if k.startswith(objective + "_")}
+    return dict(epsilon=hp["clip_low"], epsilon_high=hp["clip_high"])
+
+
+def stock_trl_trainer_class(objective: str) -> type:
+    """The stock TRL trainer class for `objective`: GRPOTrainer, or GMPOTrainer for gmpo."""
+    if objective == "gmpo":
+        from trl.experimental.gmpo import GMPOTrainer
+
+        return GMPOTrainer
+    from trl import GRPOTrainer
+
+    return GRPOTrainer
 
 # Set by GRPOConfig.__post_init__ from the others (passing it again alongside steps_per_generation is refused).
 _DERIVED = {"generation_batch_size"}
@@ -75,10 +113,14 @@ def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
     }
     values.update(
         STOCK_TRL_LOSS[objective],
-        epsilon=hp["clip_low"], epsilon_high=hp["clip_high"],
+        **_stock_loss_hparams(objective, hp),
         beta=hp["beta_kl"], use_bias_correction_kl=False,  # tepo's KL term is the plain estimator
         entropy_coef=hp["entropy_coef"],
         scale_rewards=config.resolved_scale_rewards(),  # the advantage scale tepo trains with (dr_grpo: none)
         vllm_importance_sampling_correction=False,  # tepo's pi_old is the trainer's recomputed log-probs
     )
+    if objective == "gmpo":
+        from trl.experimental.gmpo import GMPOConfig
+
+        return GMPOConfig(**values)
     return GRPOConfig(**values)
