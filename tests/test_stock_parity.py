@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trl import GRPOTrainer
 
 from tepo.training import TEPOConfig, TEPOTrainer
-from tepo.training.stock import STOCK_TRL_LOSS, stock_trl_config
+from tepo.training.stock import STOCK_TRL_LOSS, stock_trl_config, stock_trl_trainer_class
 
 from _tiny_llm import parity_reward, prompt_dataset, save_tiny, tiny_tokenizer, tiny_train_argv
 
@@ -68,12 +67,13 @@ def train(trainer_cls, config, model_dir) -> tuple[list[float], torch.Tensor]:
 
 
 def both(tmp_path, model_dir, shape: dict, **tepo_fields):
-    """TEPOTrainer with TEPOConfig(**tepo_fields) and stock GRPOTrainer with `stock_trl_config` of it."""
+    """TEPOTrainer with TEPOConfig(**tepo_fields) and stock TRL's trainer (GRPOTrainer; GMPOTrainer for
+    gmpo) with `stock_trl_config` of it."""
     ours = TEPOConfig(output_dir=str(tmp_path / "tepo"), **SETTINGS, **shape, **tepo_fields)
     stock = stock_trl_config(ours)
     stock.output_dir = str(tmp_path / "stock")
     assert stock.scale_rewards == ours.resolved_scale_rewards()  # the same advantages (dr_grpo: "none")
-    return train(TEPOTrainer, ours, model_dir), train(GRPOTrainer, stock, model_dir)
+    return train(TEPOTrainer, ours, model_dir), train(stock_trl_trainer_class(ours.objective), stock, model_dir)
 
 
 def flat(model) -> torch.Tensor:
