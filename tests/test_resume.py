@@ -128,3 +128,30 @@ def test_kill_9_then_resume_reaches_max_steps(tmp_path):
     assert steps == list(range(1, max_steps + 1)), f"duplicated or missing steps: {steps}"
     assert last_complete_checkpoint(out) == str(out / f"checkpoint-{max_steps}")
     assert (Path(out) / "eval_after.json").exists()
+
+
+@pytest.mark.slow
+def test_resuming_mid_rollout_scores_a_fresh_rollout_and_its_first_step_is_on_policy(tmp_path):
+    """A checkpoint after step 1 of a 2-step rollout: the resumed run has no buffered rollout, so it
+    samples and scores a new one, and step 2 (its first optimiser step) takes pi_old from its own
+    training pass: ratio exactly 1 although the no-grad scoring pass is made to differ by 1e-3."""
+    out = tmp_path / "run"
+    run(out, max_steps=2, save_steps=1)
+    tok = tiny_tokenizer()
+    tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward,
+                     args=small_config(out, max_steps=2, save_strategy="steps", save_steps=1),
+                     train_dataset=prompt_dataset(), processing_class=tok)
+    real = tr._score_round
+    rounds = []
+
+    def perturbed(inputs):
+        batch, rewards, stats = real(inputs)
+        rounds.append(tr.state.global_step)
+        batch["old_per_token_logps"] = batch["old_per_token_logps"] + 1e-3
+        return batch, rewards, stats
+
+    tr._score_round = perturbed
+    tr.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert rounds == [1]  # a fresh rollout at the resumed step
+    row = read_metrics(out / "metrics.jsonl")[1]
+    assert row["step"] == 2 and row["ratio_min"] == row["ratio_max"] == 1.0 and row["clip_frac"] == 0.0, row

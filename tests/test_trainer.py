@@ -301,6 +301,62 @@ def test_accumulated_micro_batches_log_what_one_micro_batch_logs(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------------------------
+# pi_old: exactly on-policy until the first optimiser step after a rollout
+
+
+def perturb_recorded_pi_old(trainer, size=1e-3):
+    """Make the rollout's no-grad pass (TRL's old_per_token_logps, our old_entropy) differ from the
+    training pass by `size`, as compilation or another attention backend can; returns the recorded
+    (perturbed) tensors of each rollout."""
+    recorded = []
+    real = trainer._score_round
+
+    def score_round(inputs):
+        batch, rewards, stats = real(inputs)
+        batch["old_per_token_logps"] = batch["old_per_token_logps"] + size
+        batch["old_entropy"] = batch["old_entropy"] + size  # entropy < old_entropy everywhere: the KL mask would fire
+        recorded.append((batch["old_per_token_logps"], batch["old_entropy"]))
+        return batch, rewards, stats
+
+    trainer._score_round = score_round
+    return recorded
+
+
+def spy_pi_old(monkeypatch):
+    """Per policy_loss call: (logp, old_logp, entropy, old_entropy), detached."""
+    calls = []
+    real = trainer_module.policy_loss
+
+    def spy(name, **kw):
+        calls.append(tuple(kw[k].detach().clone() for k in ("logp", "old_logp", "entropy", "old_entropy")))
+        return real(name, **kw)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    return calls
+
+
+@pytest.mark.slow
+def test_first_step_after_a_rollout_is_exactly_on_policy(tmp_path, monkeypatch):
+    calls = spy_pi_old(monkeypatch)
+    tr = make_trainer(tmp_path, objective="tepo", tepo_kl_coef=0.5, max_steps=4)  # 2 rollouts x 2 steps
+    recorded = perturb_recorded_pi_old(tr)
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(recorded) == 2 and len(calls) == 4
+    for first in (0, 2):  # the first step of each rollout: pi_old is the training pass's own values
+        logp, old_logp, entropy, old_entropy = calls[first]
+        assert torch.equal(old_logp, logp) and torch.equal(old_entropy, entropy)
+        r = rows[first]
+        assert r["ratio_min"] == r["ratio_max"] == 1.0 and r["clip_frac"] == 0.0 and r["kl_mask_frac"] == 0.0, r
+    for later, rollout in ((1, 0), (3, 1)):  # later steps keep what was recorded at the rollout (shuffled rows)
+        _, old_logp, _, old_entropy = calls[later]
+        rec_logp, rec_entropy = recorded[rollout]
+        for row_logp, row_entropy in zip(old_logp, old_entropy):
+            match = (rec_logp == row_logp).all(dim=1) & (rec_entropy == row_entropy).all(dim=1)
+            assert match.any(), "step 2's pi_old is not the rollout's recorded one"
+
+
+# ----------------------------------------------------------------------------------------------
 # dynamic sampling
 
 
@@ -499,11 +555,11 @@ def test_torch_compile_trains_like_eager(tmp_path, monkeypatch):
     for e, c in zip(eager_rows, comp_rows):
         for key in ("loss", "entropy_mean", "clip_frac", "approx_kl", "reward_mean"):
             assert c[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), key
-    # kl_mask_frac only after an update. On step 1 pi_theta == pi_old, but the old entropy comes from
-    # the rollout's scoring pass (plain module, no grad) and the entropy from the compiled training
-    # pass: their float32 rounding differs, so the spec's strict `entropy < old_entropy` holds for
-    # some positive-advantage tokens (eager: 0 exactly). Their KL (k3 of a rounding-size d) is ~0.
-    assert eager_rows[0]["kl_mask_frac"] == 0.0
+    # Step 1 is exactly on-policy in both: pi_old is the training pass's own (compiled) values, not the
+    # rollout's scoring pass (plain module, no grad), whose float32 rounding differs from the compiled
+    # pass and used to make the spec's strict `entropy < old_entropy` select rounding noise.
+    for rows in (eager_rows, comp_rows):
+        assert rows[0]["kl_mask_frac"] == 0.0 and rows[0]["ratio_min"] == rows[0]["ratio_max"] == 1.0
     assert comp_rows[1]["kl_mask_frac"] == pytest.approx(eager_rows[1]["kl_mask_frac"], abs=0.02)
     # step 2 reuses the rollout: the old entropy came from the rollout's scoring pass in both runs
     for tag in ("eager", "compiled"):

@@ -3,7 +3,9 @@
 What is overridden, and why (everything else is TRL's):
 - `_compute_loss`: per-token log-probs and entropies from TRL's `_get_per_token_logps_and_entropies`,
   then `policy_loss(objective, ...)`; its metrics go to TRL's metric buffer. No clipping or
-  aggregation code here: the objective owns all of it.
+  aggregation code here: the objective owns all of it. pi_old (`_pi_old`): until the first optimiser
+  step after a rollout, this training pass's own detached log-probs and entropies (exactly
+  on-policy); after it, the values recorded when the rollout was scored.
 - `_get_per_token_logps_and_entropies`: while a rollout is being scored, the first pass of the
   policy (the one TRL uses for `old_per_token_logps`) also keeps its entropies as `old_entropy`
   (TEPO's KL mask compares entropy now with entropy at sampling time). TRL's fused LM head
@@ -104,6 +106,7 @@ class TEPOTrainer(GRPOTrainer):
         self._last_completion_ids: list | None = None
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_count = 0
+        self._rollout_step: int | None = None  # global_step when the last rollout was scored (see _pi_old)
         self._tokens_in_step = 0
         self._step_metrics = {"train": StepMetrics(), "eval": StepMetrics()}  # see _log_loss_metrics
         # Objective-independent per-token weights on the policy term, applied in this order (see _token_weight).
@@ -210,6 +213,7 @@ class TEPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
+        self._rollout_step = self.state.global_step  # no optimiser step yet on these weights
         batch, rewards, stats = self._score_round(inputs)
         if self.args.dynamic_sampling:
             batch, ds_stats = self._dynamic_sampling(batch, rewards)
@@ -267,7 +271,8 @@ class TEPOTrainer(GRPOTrainer):
         if "old_per_token_logps" in merged:
             # Splicing changed the padding each row was scored with; in bf16 that alone moves a
             # log-prob by ~1e-4, more than TEPO's 3e-4 clip on a sequence mean. Score pi_old again on
-            # exactly the tensors (and micro-batch size) the optimiser steps will see.
+            # exactly the tensors (and micro-batch size) the later optimiser steps of this rollout
+            # will see (the first one takes its own pass's values: _pi_old).
             merged["old_per_token_logps"], merged["old_entropy"] = self._score_old_policy(
                 merged, chunk=merged["advantages"].numel() // spg
             )
@@ -308,11 +313,7 @@ class TEPOTrainer(GRPOTrainer):
             compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
             **{k: inputs.get(k) for k in _FORWARD_KEYS},
         )
-        old_logp = inputs.get("old_per_token_logps")
-        if old_logp is None:  # on-policy: TRL skipped the old pass because pi_old == pi_theta here
-            old_logp, old_entropy = logp.detach(), entropy.detach()
-        else:
-            old_entropy = inputs.get("old_entropy")
+        old_logp, old_entropy = self._pi_old(inputs, logp, entropy)
         token_weight, weight_metrics = self._token_weight(inputs, logp=logp, entropy=entropy, mask=mask)
         out = policy_loss(
             self.args.objective,
@@ -344,6 +345,21 @@ class TEPOTrainer(GRPOTrainer):
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
         self._log_loss_metrics(mode, out.metrics, tokens=float(mask.sum()))
         return loss
+
+    def _pi_old(self, inputs, logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pi_old's log-probs and entropies (B, T) for this micro-batch.
+
+        Until the first optimiser step after its rollout was scored, pi_old is pi_theta: then they are
+        this training pass's own, detached, so the ratio is exactly 1 and TEPO's strict entropy
+        comparison selects nothing, whatever the rounding of the separate no-grad pass (compilation,
+        another attention backend, bf16) or of dynamic sampling's splicing. The same in evaluation
+        (each batch is scored just before) and where TRL skipped that pass (no old_per_token_logps).
+        On later steps of the rollout they are the values recorded when it was scored."""
+        recorded = inputs.get("old_per_token_logps")
+        on_policy = not self.model.training or self.state.global_step == self._rollout_step
+        if recorded is None or on_policy:
+            return logp.detach(), entropy.detach()
+        return recorded, inputs.get("old_entropy")
 
     def _token_weight(self, inputs, *, logp, entropy, mask) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The product of the weights of `self.token_weights` (B, T), or None when there are none.
