@@ -89,8 +89,13 @@ def weights_moved(model_dir, weights) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "objective, extra",
-    [*[(name, {}) for name in STOCK_TRL_LOSS], ("grpo", dict(beta_kl=0.04)), ("dapo", dict(beta_kl=0.04))],
-    ids=[*STOCK_TRL_LOSS, "grpo-kl", "dapo-kl"],
+    [*[(name, {}) for name in STOCK_TRL_LOSS], ("grpo", dict(beta_kl=0.04)), ("dapo", dict(beta_kl=0.04)),
+     # hyper-parameters that bind on the off-policy step (ratios 0.6-1.7 there), in TRL's names and units
+     ("cispo", dict(clip_high=0.2)), ("sapo", dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5)),
+     ("luspo", dict(clip_low=0.2, clip_high=0.2, beta_kl=0.04)),
+     ("vespo", dict(vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=3.0)),
+     ("gmpo", dict(log_clip_low=0.1, log_clip_high=0.1, beta_kl=0.04))],
+    ids=[*STOCK_TRL_LOSS, "grpo-kl", "dapo-kl", "cispo-cap1.2", "sapo-tau", "luspo-clip-kl", "vespo-kl", "gmpo-clip-kl"],
 )
 def test_same_steps_as_stock_trl(tmp_path, model_dir, objective, extra):
     (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, ONE_STEP_PER_ROLLOUT, objective=objective, **extra)
@@ -137,6 +142,26 @@ def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shar
 # stock_trl_config itself (no training)
 
 
+def test_stock_config_maps_the_new_objectives_hyperparameters(tmp_path):
+    def stock(**fields_):
+        return stock_trl_config(TEPOConfig(output_dir=str(tmp_path), **SETTINGS, **fields_))
+
+    cispo = stock(objective="cispo", clip_high=0.2)
+    assert (cispo.loss_type, cispo.epsilon_high) == ("cispo", 1.2)  # TRL caps the weight at epsilon_high itself
+    sapo = stock(objective="sapo", sapo_temperature_neg=2.0)
+    assert (sapo.loss_type, sapo.sapo_temperature_pos, sapo.sapo_temperature_neg) == ("sapo", 1.0, 2.0)
+    luspo = stock(objective="luspo")
+    assert (luspo.loss_type, luspo.importance_sampling_level, luspo.epsilon, luspo.epsilon_high) == (
+        "luspo", "sequence", 3e-4, 4e-4)
+    vespo = stock(objective="vespo", vespo_k_neg=5.0)
+    assert (vespo.loss_type, vespo.vespo_k_pos, vespo.vespo_lambda_pos, vespo.vespo_k_neg, vespo.vespo_lambda_neg) == (
+        "vespo", 2.0, 3.0, 5.0, 2.0)
+    gmpo = stock(objective="gmpo", log_clip_high=0.3)
+    assert type(gmpo).__name__ == "GMPOConfig" and (gmpo.epsilon, gmpo.epsilon_high) == (0.4, 0.3)
+    assert stock_trl_trainer_class("gmpo").__name__ == "GMPOTrainer"
+    assert stock_trl_trainer_class("sapo").__name__ == "GRPOTrainer"
+
+
 def test_stock_config_keeps_every_other_setting(tmp_path):
     ours = TEPOConfig(output_dir=str(tmp_path), objective="tepo", clip_high=1e-3, **SETTINGS, steps_per_generation=4,
                       temperature=0.7, model_init_kwargs={"dtype": "float32"})
@@ -168,6 +193,9 @@ def test_stock_config_takes_the_advantage_scale_tepo_trains_with(tmp_path):
         (dict(objective="grpo", agg="token-mean"), "agg='token-mean': stock TRL's grpo aggregates as"),
         (dict(objective="grpo", beta_kl=0.1, kl_estimator="k2"), "kl_estimator='k2'"),
         (dict(objective="dr_grpo", max_len=16), "max_len=16: stock TRL's dr_grpo divides by max_completion_length=8"),
+        (dict(objective="gpg"), "objective='gpg' has no stock TRL counterpart"),
+        (dict(objective="cispo", clip_low=0.5), "clip_low=0.5: stock TRL's cispo has no lower bound"),
+        (dict(objective="gmpo", entropy_coef=0.01), "entropy_coef=0.01: stock TRL's GMPOTrainer has no entropy bonus"),
     ],
 )
 def test_stock_config_refuses_what_stock_trl_lacks(tmp_path, fields_, message):
