@@ -462,3 +462,40 @@ def test_hyperparameters_of_other_objectives_are_refused(name, hp):
     z = torch.zeros(1, 2)
     with pytest.raises(UnknownHyperparameterError, match=f"objective '{name}' has no hyper-parameter"):
         policy_loss(name, logp=z, old_logp=z, advantages=torch.zeros(1), mask=torch.ones(1, 2), **hp)
+
+
+# ------------------------------------------------------------------------------------------------
+# TEPOConfig: the new hyper-parameters as fields (TRL's names for sapo_/vespo_)
+
+
+def _config(tmp_path, **fields_):
+    from tepo.training import TEPOConfig
+
+    return TEPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=8,
+                      num_generations=4, max_completion_length=8, **fields_)
+
+
+def test_config_fields_reach_the_objective(tmp_path):
+    hp = _config(tmp_path, objective="sapo", sapo_temperature_neg=2.0).resolved_hparams()
+    assert (hp["sapo_temperature_pos"], hp["sapo_temperature_neg"]) == (1.0, 2.0)
+    hp = _config(tmp_path, objective="gmpo", log_clip_high=0.3).resolved_hparams()
+    assert (hp["log_clip_low"], hp["log_clip_high"]) == (0.4, 0.3)
+    with pytest.raises(ValueError, match="sapo_temperature_neg=2.0 is not a hyper-parameter of objective 'gmpo'"):
+        _config(tmp_path, objective="gmpo", sapo_temperature_neg=2.0)
+    with pytest.raises(ValueError, match="objective 'vespo': hyper-parameter vespo_lambda_neg must be > 0"):
+        _config(tmp_path, objective="vespo", vespo_lambda_neg=0.0)
+    with pytest.raises(ValueError, match="loss_type='sapo'.*cispo, sapo, luspo, vespo, gmpo, gpg"):
+        _config(tmp_path, objective="sapo", loss_type="sapo")
+    with pytest.warns(UserWarning, match="gpg's alpha .* within each micro-batch"):
+        _config(tmp_path, objective="gpg", gradient_accumulation_steps=2)
+
+
+def test_train_cli_parses_the_new_fields(tmp_path):
+    from tepo.training.cli import parse
+
+    _, config = parse(["--task", "arithmetic", "--objective", "gpg", "--gpg_alpha_rescale", "false",
+                       "--output_dir", str(tmp_path)])
+    assert config.gpg_alpha_rescale is False and config.resolved_hparams()["gpg_alpha_rescale"] is False
+    _, config = parse(["--task", "arithmetic", "--objective", "vespo", "--vespo_k_pos", "1.5",
+                       "--output_dir", str(tmp_path)])
+    assert config.resolved_hparams()["vespo_k_pos"] == 1.5
