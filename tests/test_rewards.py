@@ -312,6 +312,7 @@ def test_every_gold_answer_verifies_against_itself():
         ("The roots are $\\boxed{-3}$ and $\\boxed{5}$.", "-3, 5"),
         ("So $x = \\boxed{2}$ or $x = \\boxed{3}$.", "2, 3"),
         ("\\boxed{k = 45} \\quad \\boxed{n = 2}", "45, 2"),
+        ("$\\boxed{1 + \\sqrt{2}}$ and $\\boxed{1 - \\sqrt{2}}$", "1 \\pm \\sqrt{2}"),
         ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1, 2, 3\\}"),
         ("\\boxed{3},\\boxed{1},\\boxed{2}", "1,2,3"),  # the parts of a list, in any order
     ],
@@ -341,6 +342,7 @@ def test_several_boxes_are_not_a_free_pass(completion, gold, reward):
         ("\\boxed{2}\n#### 5", "5"),
         ("The final answer is 4. Written out: \\boxed{5}", "5"),
         ("The final answer is $\\boxed{7}$.", "7"),
+        ("\\boxed{6}\n\nSo the final answer is indeed right.", "6"),  # a comment after the box, not an answer
     ],
 )
 def test_the_answer_stated_last_wins_whatever_its_form(completion, answer):
@@ -374,43 +376,39 @@ def test_intervals_that_differ_stay_different(a, b):
     assert not verify_answer(a, b) and not verify_answer(b, a)
 
 
-@pytest.mark.parametrize(
-    "pred, gold, equal",
-    [
-        ("1 000", "1000", True),
-        ("1 000", "0", False),  # never 1*000
-        ("12\\,345\\,678", "12345678", True),
-        ("\\$1 250", "1250", True),
-        ("0,111", "111", False),  # never 111 ...
-        ("0,111", "0.111", False),  # ... and never a decimal comma (ambiguous: not read)
-        ("0,111", "0, 111", True),  # a list of two numbers
-        ("3,5", "3.5", False),
-        ("1,2", "12", False),
-        ("58,500", "58500", True),
-        ("29,\\!322", "29322", True),
-        ("(312, 123, 231)", "(312,123,231)", True),  # in brackets a comma separates items
-        ("2 3", "6", False),  # spaced digits in no grouping: no number (math-verify reads 5)
-        ("2 3", "5", False),
-        ("0 5", "5", False),
-        ("\\frac 3 8", "0.375", True),  # two arguments of \frac, not a grouping
-    ],
-)
-def test_digit_grouping_and_commas_between_digits(pred, gold, equal):
-    assert verify_answer(pred, gold) is equal
+DIGIT_GROUPING = [  # the rule: tepo/rewards/numbers.py, docs/reliability.md
+    ("1 000", "1000", True),
+    ("1 000", "0", False),  # never 1*000
+    ("12\\,345\\,678", "12345678", True),
+    ("\\$1 250", "1250", True),
+    ("0,111", "111", False),  # never 111 ...
+    ("0,111", "0.111", False),  # ... and never a decimal comma (ambiguous: not read)
+    ("0,111", "0, 111", True),  # a list of two numbers
+    ("3,5", "3.5", False),
+    ("1,2", "12", False),
+    ("58,500", "58500", True),
+    ("29,\\!322", "29322", True),
+    ("(312, 123, 231)", "(312,123,231)", True),  # in brackets a comma separates items
+    ("2 3", "6", False),  # spaced digits in no grouping: no number (math-verify reads 5)
+    ("2 3", "5", False),
+    ("0 5", "5", False),
+    ("\\frac 3 8", "0.375", True),  # two arguments of \frac, not a grouping
+]
+EULERS_NUMBER = [
+    ("1", "1 - \\frac{1}{\\mathrm{e}}", False),
+    ("1 - \\frac{1}{e}", "1 - \\frac{1}{\\mathrm{e}}", True),
+    ("1 - e^{-1}", "1 - \\frac{1}{\\mathrm{e}}", True),
+    ("\\mathrm{e}^{2}", "e^2", True),
+    ("e^{2}", "\\text{e}^{2}", True),
+    ("2", "\\mathrm{e}^{2}", False),
+    ("2", "2\\mathrm{e}", False),  # not a unit
+    ("2\\mathrm{e}", "2", False),
+    ("2e", "2\\mathrm{e}", True),
+]
 
 
-@pytest.mark.parametrize(
-    "pred, gold, equal",
-    [
-        ("1", "1 - \\frac{1}{\\mathrm{e}}", False),
-        ("1 - \\frac{1}{e}", "1 - \\frac{1}{\\mathrm{e}}", True),
-        ("1 - e^{-1}", "1 - \\frac{1}{\\mathrm{e}}", True),
-        ("\\mathrm{e}^{2}", "e^2", True),
-        ("e^{2}", "\\text{e}^{2}", True),
-        ("2", "\\mathrm{e}^{2}", False),
-    ],
-)
-def test_eulers_number_in_any_typeface(pred, gold, equal):
+@pytest.mark.parametrize("pred, gold, equal", DIGIT_GROUPING + EULERS_NUMBER)
+def test_digit_grouping_commas_between_digits_and_eulers_number(pred, gold, equal):
     assert verify_answer(pred, gold) is equal
 
 

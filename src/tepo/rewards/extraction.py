@@ -159,6 +159,15 @@ def _hash_answer(text: str) -> tuple[int, str] | None:
     return pos, _line_after(text, pos + 4).lstrip("# \t").strip().rstrip(".")
 
 
+_RE_MATHS = re.compile(r"[0-9$\\^_=()\[\]{}+*/<>-]")
+
+
+def _looks_like_an_answer(text: str) -> bool:
+    """A phrase's text that may override a box: mathematics, or a single word ("... the final
+    answer is indeed correct" after a box is a comment, not an answer)."""
+    return bool(_RE_MATHS.search(text)) or len(text.split()) == 1
+
+
 def final_answer(text: Any) -> FinalAnswer | None:
     """The final answer of a completion (see :func:`extract_answer`) with the parts of a final run
     of several boxes; None when there is none."""
@@ -170,7 +179,7 @@ def final_answer(text: Any) -> FinalAnswer | None:
         candidates.append((box.start, box.content.strip(), box))
     for finder in (_final_answer_phrase, _hash_answer):
         found = finder(text)
-        if found is not None and found[1].strip():
+        if found is not None and found[1].strip() and (box is None or _looks_like_an_answer(found[1])):
             candidates.append((found[0], found[1].strip(), None))
     if not candidates:
         return None

@@ -107,7 +107,7 @@ _RE_PART_WORD = re.compile(r"\\text\s*\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+|;")
 
 def count_parts(gold: str) -> int:
     """How many parts a gold answer lists: top-level commas (outside brackets) and "and"/"or"
-    separate parts; an outer set ``\\{...\\}`` counts its elements."""
+    separate parts; an outer set ``\\{...\\}`` counts its elements; ``\\pm`` makes two."""
     s = group_digits(gold.replace("$", "").strip())
     if s is None:
         return 1
@@ -123,4 +123,5 @@ def count_parts(gold: str) -> int:
             current = 0
         elif not c.isspace():
             current += 1
-    return parts + (current > 0)
+    parts += current > 0
+    return max(parts, 2) if "\\pm" in s or "\\mp" in s else parts

@@ -96,9 +96,10 @@ SPACING = re.compile(r"\\[,!;:> ]|~|\\quad|\\qquad")
 _LHS = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*=\s*", re.A)
 _DEGREES = re.compile(r"\s*(?:\^\s*\{?\\circ\}?|\\circ|°|\\degree)$")
 _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\s*percent)$")
-# trailing units: "18 dollars", "5 \text{ apples}", "3\mathrm{cm}" (words only: "5 x" stays a product)
+# trailing units: "18 dollars", "5 \text{ apples}", "3\mathrm{cm}" (words only: "5 x" stays a product;
+# "2\mathrm{e}" is twice Euler's number)
 _UNITS = re.compile(
-    r"(?:\s*\\(?:text|mathrm|textrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .]*\}|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$", re.A
+    r"(?:\s*\\(?:text|mathrm|textrm|mbox)\s*\{\s*(?!e\s*\})[A-Za-z][A-Za-z .]*\}|\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$", re.A
 )
 _DOLLAR = re.compile(r"^(?:\\\$|\$|\\text\{\s*\\\$\s*\})\s*")
 
