@@ -129,3 +129,39 @@ def test_report_renders_in_a_browser(built, tmp_path):
         return int((np.abs(pixels - np.array(rgb)).sum(axis=-1) < 40).sum())
 
     assert count((31, 119, 180)) > 500 and count((255, 127, 14)) > 500  # grpo and tepo lines
+
+
+# --------------------------------------------------------------------------------------------
+# one training run: the console of `tepo train` and `tepo report RUN_DIR`
+@pytest.mark.slow
+def test_train_console_is_one_bar_without_library_notices_and_one_run_report_works(tmp_path):
+    import os
+    import sys
+
+    from _tiny_llm import save_tiny, tiny_train_argv
+
+    model = save_tiny(tmp_path / "model")
+    out = tmp_path / "run"
+    argv = tiny_train_argv(model, out, heldout_eval_steps=1, save_strategy="no")
+    done = subprocess.run([sys.executable, "-m", "tepo.cli", "train", *argv], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    for noise in ("FutureWarning", "Setting accelerator to CPU", "Loading weights", "Writing model shards"):
+        assert noise not in console, noise
+    assert not re.search(r"^step \d", console, re.M)  # no line per step: the figures ride on the bar
+    assert re.search(r"2/2 \[.*reward [\d.]+ \| entropy [\d.]+ .*held-out [\d.]+%\]", console)
+    assert f"tepo report {out}" in done.stdout
+    assert report_main([str(out)]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "held-out accuracy" in page and (out / "report" / "run.png").stat().st_size > 1000
+
+
+def test_progress_postfix_keeps_the_last_heldout_accuracy():
+    from tepo.training.callbacks import CompactProgressCallback
+
+    bar = CompactProgressCallback()
+    assert bar.postfix({"reward_mean": 0.25, "entropy_mean": 0.5, "heldout_accuracy": 0.375}) == \
+        "reward 0.250 | entropy 0.500 | held-out 37.5%"
+    assert bar.postfix({"reward_mean": 0.5, "clip_frac": float("nan"), "nonfinite_skipped": 2}) == \
+        "reward 0.500 | held-out 37.5% | non-finite skipped 2"

@@ -295,3 +295,74 @@ def test_one_run_report_marks_the_monitor_verdicts(fake_study):
     assert report_main([str(tmp / "results/final/dapo-s1")]) == 0
     page = (tmp / "results/final/dapo-s1/report/index.html").read_text()
     assert "entropy_fall" in page and "run.png" in page and (tmp / "results/final/dapo-s1/report/run.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the same on the tiny model, through real `tepo train` runs
+KILLING_TRAIN = textwrap.dedent('''
+    """`tepo train`, except that the run named in $KILL_STUDY_AT first kills the study (once)."""
+    import os, signal, sys
+    from pathlib import Path
+    out = sys.argv[sys.argv.index("--output_dir") + 1]
+    with open(os.environ["TRAIN_CALLS"], "a") as f:
+        f.write(out + "\\n")
+    marker = Path(os.environ["TRAIN_CALLS"] + ".killed")
+    if os.environ.get("KILL_STUDY_AT") and os.environ["KILL_STUDY_AT"] in out and not marker.exists():
+        marker.write_text("1")
+        os.kill(os.getppid(), signal.SIGKILL)
+        sys.exit(1)
+    from tepo.cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))
+''')
+
+
+@pytest.mark.slow
+def test_tiny_model_study_killed_resumes_skips_finished_runs_and_reports(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_llm import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "train.py").write_text(KILLING_TRAIN)
+    study = tmp_path / "tiny.yaml"
+    study.write_text(textwrap.dedent(f'''
+        name: tiny
+        model: {model}
+        base: {{task: arithmetic, levels: "1", num_problems: 32, max_steps: 2, per_device_train_batch_size: 8,
+                num_generations: 4, steps_per_generation: 2, max_completion_length: 8, bf16: false,
+                report_to: none, learning_rate: 1.0e-3, heldout_eval_steps: 1, save_strategy: "no"}}
+        validation_problems: 4
+        test_problems: 6
+        target: 0.5
+        arms:
+          grpo: {{objective: grpo}}
+          tepo: {{objective: tepo}}
+        tuning:
+          seeds: [0]
+          grid:
+            tepo: [{{clip_low: 3.0e-4, clip_high: 4.0e-4}}, {{clip_low: 0.2, clip_high: 0.28}}]
+        final:
+          seeds: [1]
+        results_dir: {tmp_path / "results"}
+        runs_dir: {tmp_path / "runs"}
+    '''))
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, TRAIN_CALLS=str(calls), KILL_STUDY_AT="tuning/tepo/g1", PYTHONPATH=str(ROOT / "src"))
+    command = [sys.executable, "-m", "tepo.cli", "study", "run", str(study), "--train_command", f"{sys.executable} {tmp_path / 'train.py'}"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert (tmp_path / "results/tuning/tepo/g0-s0/DONE.json").exists()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    trained = [Path(line).relative_to(tmp_path / "runs").as_posix() for line in calls.read_text().splitlines()]
+    assert trained[0] == "tuning/tepo/g0-s0" and trained.count("tuning/tepo/g0-s0") == 1  # not retrained
+    assert trained[1:3] == ["tuning/tepo/g1-s0", "tuning/tepo/g1-s0"]  # killed, then trained
+    assert sorted(trained[3:]) == ["final/grpo-s1", "final/tepo-s1"]
+    test = json.loads((tmp_path / "results/final/tepo-s1/eval_test.json").read_text())
+    assert len(test["verdicts"]) == 6 and test["ids"] == json.loads(
+        (tmp_path / "results/final/grpo-s1/eval_test.json").read_text())["ids"]
+    from tepo.analysis.study_report import build_study_report
+
+    index = build_study_report(load_study(study), replicates=200)
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["arms"]["tepo"]["test_accuracy"]["estimate"] == pytest.approx(np.mean(test["verdicts"]), abs=1e-15)
+    assert not any((tmp_path / "results").rglob("*.safetensors"))

@@ -33,6 +33,7 @@ def _verdicts(run: RunData) -> list[dict]:
 
 def _plot(run: RunData, path: Path, smooth: int) -> bool:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = []
     for title, lines, pct in PANELS:
@@ -64,6 +65,7 @@ def _plot(run: RunData, path: Path, smooth: int) -> bool:
             ax.axvline(v.get("first_step", 0), color=SEVERITY_COLORS.get(v.get("severity"), "grey"), ls="--", lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimiser step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     if verdicts:

@@ -12,6 +12,7 @@ import datetime as _dt
 import html
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,7 +332,8 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     failed = [r["key"] for r in result["runs"] if r["status"] == "failed"]
     if failed:
         status += f" Failed: {', '.join(failed)}."
-    regen = f"tepo study report {study.path}"
+    shown = os.path.relpath(study.path) if study.path.is_relative_to(Path.cwd()) else str(study.path)
+    regen = f"tepo study report {shown}"
     md = [f"## Study: {study.name}", "", study.description.strip(), "", status, "", f"Regenerate: `{regen}`", ""]
     md += [t.markdown() for _, t in tabs]
     (out / "summary.md").write_text("\n".join(md))

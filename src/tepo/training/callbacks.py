@@ -68,6 +68,14 @@ EXTRA_KEYS = (
     "dynamic_sampling/kept_frac",
     "dynamic_sampling/short",
     "monitor_warnings",
+    # objective-independent controls (tepo.training.controls, docs/controls.md)
+    "entropy_coef",
+    "tepo_kl_coef",
+    "adaptive_tepo_target",
+    "adaptive_tepo_entropy",
+    "entropy_select_frac",
+    "entropy_select_threshold",
+    "off_policy_mask_frac",
 )
 
 
@@ -331,20 +339,61 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class CompactProgressCallback(ProgressCallback):
-    """transformers' progress bar, with one short line per step instead of the whole logs dict."""
+    """transformers' progress bar with the step's key figures on the bar itself: one bar, no line per
+    step (metrics.jsonl has every figure of every step). The last held-out accuracy stays shown."""
 
-    SHOWN = ("loss", "reward_mean", "accuracy", "entropy_mean", "clip_frac", "approx_kl", "step_time_s", "heldout_accuracy")
+    SHOWN = (("reward_mean", "reward", "{:.3f}"), ("entropy_mean", "entropy", "{:.3f}"), ("clip_frac", "clip", "{:.3f}"),
+             ("kl_mask_frac", "kl_mask", "{:.3f}"), ("approx_kl", "kl", "{:.3g}"), ("loss", "loss", "{:.3g}"))
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heldout: float | None = None
+
+    def postfix(self, logs: dict) -> str:
+        parts = []
+        for key, label, fmt in self.SHOWN:
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                parts.append(f"{label} {fmt.format(value)}")
+        if isinstance(logs.get("heldout_accuracy"), (int, float)):
+            self.heldout = float(logs["heldout_accuracy"])
+        if self.heldout is not None:
+            parts.append(f"held-out {100 * self.heldout:.1f}%")
+        if logs.get("nonfinite_skipped"):
+            parts.append(f"non-finite skipped {int(logs['nonfinite_skipped'])}")
+        return " | ".join(parts)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
         if "train_runtime" in logs:
             return
-        parts = [f"step {state.global_step}"]
-        for key in self.SHOWN:
-            value = logs.get(key)
-            if isinstance(value, (int, float)):
-                parts.append(f"{key} {value:.4g}")
-        if logs.get("nonfinite_skipped"):
-            parts.append(f"nonfinite_skipped {int(logs['nonfinite_skipped'])}")
-        self.training_bar.write("  ".join(parts))
+        self.training_bar.set_postfix_str(self.postfix(logs), refresh=True)
+
+
+# Library notices a tepo user can do nothing about: TRL reads transformers' deprecated
+# gradient_checkpointing names itself (its config defaults that field, so the notice fires whatever
+# the recipe says; and its own code calls the deprecated gradient_checkpointing_enable/disable).
+_UNACTIONABLE_WARNINGS = (r"`(is_)?gradient_checkpointing\w*` is deprecated",)
+
+
+def quiet_console() -> None:
+    """Keep the console of `tepo train` to tepo's own lines and one progress bar.
+
+    - transformers' FutureWarnings about the gradient_checkpointing names TRL itself uses;
+    - transformers' progress bars for loading and saving weights (a few seconds each, every run);
+    - DeepSpeed's "Setting accelerator to CPU" notice on import on a machine with no GPU: told
+      the CPU is meant, it stays quiet (only when no CUDA, XPU or MPS device is present, and the
+      user has not chosen an accelerator with DS_ACCELERATOR).
+    Warnings a user can act on (tepo's own, TRL's about settings) are left alone."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for pattern in _UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    hf_logging.disable_progress_bar()
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    if not (torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available())):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

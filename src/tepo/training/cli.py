@@ -264,7 +264,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv: list[str]) -> int:
+    from tepo.training.callbacks import quiet_console
+
     started = time.perf_counter()
+    quiet_console()  # before the config is built: TRL's config itself raises one of the notices
     try:
         script, config = parse(argv)
         train_problems, heldout = load_problems(script)
