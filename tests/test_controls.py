@@ -42,6 +42,10 @@ class FakeTrainer:
         self.token_weights = []
         self.scored = []
 
+    def _pi_old(self, inputs, logp, entropy):  # TEPOTrainer's rule, on-policy when nothing was recorded
+        recorded = inputs.get("old_per_token_logps")
+        return (logp, entropy) if recorded is None else (recorded, inputs.get("old_entropy"))
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
         key = int(input_ids[0, 0])  # each fake micro-batch is tagged by its first prompt id
         self.scored.append(key)
@@ -396,3 +400,47 @@ def test_token_selection_threshold_is_the_quantile_of_the_steps_training_pass_en
         assert kept == pytest.approx(float((both_ >= first[1]).sum()))
     # the step's threshold is not what each micro-batch alone would give (TRL's rule)
     assert any(torch.quantile(c[0], 0.7).item() != pytest.approx(c[1]) for c in calls)
+
+
+def test_report_shows_the_controllers_coefficients_when_logged(tmp_path):
+    import json
+
+    from tepo.analysis.cli import report_main
+    from test_analysis import make_fake_comparison
+
+    plain = make_fake_comparison(tmp_path / "plain", with_results=False)
+    assert report_main([str(plain), "--smooth", "1"]) == 0
+    assert not (plain / "report" / "controls.png").exists()  # nothing logged, no panel
+
+    root = make_fake_comparison(tmp_path / "adaptive", with_results=False)
+    for seed in (0, 1):
+        path = root / "runs" / f"tepo-s{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row.update(tepo_kl_coef=0.5 * row["step"], adaptive_tepo_target=0.45)
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report_main([str(root), "--smooth", "1"]) == 0
+    assert (root / "report" / "controls.png").stat().st_size > 0
+    assert "Entropy controllers" in (root / "report" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_controller_state_survives_a_resume(tmp_path):
+    """2 steps, a checkpoint, then 2 more from it: the same coefficients as 4 steps in one go (without
+    the saved state the resumed run would restart adaptive TEPO at 0 and adaptive entropy at +inf)."""
+    from tepo.training.cli import train_main
+
+    model = save_tiny(tmp_path / "tiny")
+    options = dict(adaptive_tepo="true", adaptive_tepo_target=10.0, adaptive_tepo_rate=1.0,
+                   use_adaptive_entropy="true", entropy_target=10.0, entropy_coef_delta=0.01, heldout_eval="false")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_main(tiny_train_argv(model, whole, max_steps=4, save_strategy="no", **options)) == 0
+    assert train_main(tiny_train_argv(model, parts, max_steps=2, save_strategy="steps", save_steps=2, **options)) == 0
+    assert train_main(tiny_train_argv(model, parts, max_steps=4, save_strategy="steps", save_steps=2,
+                                      resume_from_checkpoint="true", **options)) == 0
+    a, b = read_metrics(whole / "metrics.jsonl"), read_metrics(parts / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("tepo_kl_coef", "entropy_coef", "adaptive_tepo_target"):
+        # a resumed run is not bit-exact here (its entropies differ in the 5th digit): the state is what counts
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4), key
+    assert b[2]["tepo_kl_coef"] > 0 and b[2]["entropy_coef"] == pytest.approx(0.02)

@@ -138,6 +138,44 @@ def test_token_mean_over_several_steps_per_rollout_is_exact_where_stock_trl_shar
     assert (w_ours - w_stock).abs().max().item() > 1e-4
 
 
+# The objective-independent controls (docs/controls.md) against TRL's own. One micro-batch per step
+# where the control's scope is the micro-batch in TRL (top_entropy_quantile's quantile, the entropy
+# bonus's token-mean): there it is the step's, as here.
+ONE_MICRO_BATCH_PER_STEP = dict(steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=2)
+ADAPTIVE_ENTROPY = dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0, entropy_coef_delta=0.05)
+CONTROL_CASES = {
+    "grpo-top-entropy": ("grpo", ONE_MICRO_BATCH_PER_STEP, dict(top_entropy_quantile=0.5)),
+    "dapo-top-entropy": ("dapo", ONE_MICRO_BATCH_PER_STEP, dict(top_entropy_quantile=0.2)),
+    "gspo-top-entropy": ("gspo", ONE_MICRO_BATCH_PER_STEP, dict(top_entropy_quantile=0.5)),
+    "grpo-off-policy-mask": ("grpo", ONE_STEP_PER_ROLLOUT, dict(off_policy_mask_threshold=0.0)),
+    "dapo-off-policy-mask": ("dapo", ONE_STEP_PER_ROLLOUT, dict(off_policy_mask_threshold=0.0)),
+    "dapo-adaptive-entropy": ("dapo", ONE_MICRO_BATCH_PER_STEP, ADAPTIVE_ENTROPY),
+    "tepo-adaptive-entropy": ("tepo", ONE_MICRO_BATCH_PER_STEP, ADAPTIVE_ENTROPY),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CONTROL_CASES))
+def test_controls_take_the_same_steps_as_stock_trl(tmp_path, monkeypatch, model_dir, case):
+    import tepo.training.trainer as trainer_module
+
+    objective, shape, control = CONTROL_CASES[case]
+    acted = []  # the control changed the loss: a token weight of 0 on a valid token, or a bonus > 0
+    real = trainer_module.policy_loss
+
+    def spy(name, **kwargs):
+        w = kwargs["token_weight"]
+        acted.append((kwargs["entropy_coef"] or 0) > 0 or (w is not None and bool(((w == 0) & kwargs["mask"].bool()).any())))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", spy)
+    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, shape, objective=objective, **control)
+    assert any(acted) and weights_moved(model_dir, w_ours)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=1e-6)
+    exact = objective not in ("gspo_token", "tepo")
+    torch.testing.assert_close(w_ours, w_stock, rtol=0, atol=0 if exact else 1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # stock_trl_config itself (no training)
 
@@ -190,6 +228,7 @@ def test_stock_config_takes_the_advantage_scale_tepo_trains_with(tmp_path):
     [
         (dict(objective="clip_cov"), "objective='clip_cov' has no stock TRL counterpart"),
         (dict(objective="tepo", tepo_kl_coef=0.1), "tepo_kl_coef=0.1: stock TRL has no KL mask"),
+        (dict(objective="tepo", adaptive_tepo=True), "adaptive_tepo=True: stock TRL has no KL mask to adapt"),
         (dict(objective="grpo", agg="token-mean"), "agg='token-mean': stock TRL's grpo aggregates as"),
         (dict(objective="grpo", beta_kl=0.1, kl_estimator="k2"), "kl_estimator='k2'"),
         (dict(objective="dr_grpo", max_len=16), "max_len=16: stock TRL's dr_grpo divides by max_completion_length=8"),

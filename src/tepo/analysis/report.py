@@ -44,6 +44,10 @@ CURVES: dict[str, list[tuple[str, str, bool, bool]]] = {
     "kl": [("approx_kl", "approx KL(pi_old || pi_theta)", True, True),
            ("ratio_max", "max importance ratio", True, True)],
     "optim": [("grad_norm", "gradient norm", True, True), ("step_time_s", "seconds per step", False, False)],
+    # the controllers' coefficients, as each step used them (docs/controls.md; only runs that logged them)
+    "controls": [("tepo_kl_coef", "TEPO KL-mask coefficient (adaptive TEPO)", False, False),
+                 ("adaptive_tepo_target", "adaptive TEPO entropy target H* (nats)", False, False),
+                 ("entropy_coef", "entropy bonus coefficient (adaptive entropy)", False, False)],
 }
 
 
@@ -486,7 +490,8 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     if _plot_heldout(comp, out / "heldout_accuracy.png", colors):
         report.figures.append(("curves", "heldout_accuracy.png", "Held-out accuracy", band_note))
     captions = {"reward": "Training reward", "entropy": "Policy entropy", "clip": "Clip fractions",
-                "length": "Completion length", "kl": "Policy movement per update", "optim": "Optimisation"}
+                "length": "Completion length", "kl": "Policy movement per update", "optim": "Optimisation",
+                "controls": "Entropy controllers"}
     for name, panels in CURVES.items():
         if _plot_curves(comp, panels, out / f"{name}.png", smooth, colors):
             report.figures.append(("curves", f"{name}.png", captions[name], band_note))

@@ -1,10 +1,13 @@
 """`TEPOConfig`: TRL's `GRPOConfig` plus the objective and its hyper-parameters.
 
 The policy loss is ours (`tepo.objectives.policy_loss`), so TRL's own loss knobs (loss_type,
-epsilon, epsilon_high, importance_sampling_level, top_entropy_quantile, delta, beta, ...) would be
-silently ignored if we let them through. They are refused instead, with the name of the field that
-does the job here. Everything is checked in `__post_init__`, i.e. when the config is built or
-parsed by `TrlParser`, before any model or data set is loaded.
+epsilon, epsilon_high, importance_sampling_level, delta, beta, ...) would be silently ignored if we
+let them through. They are refused instead, with the name of the field that does the job here.
+TRL's objective-independent controls keep their TRL names and defaults and work with every
+objective (top_entropy_quantile, off_policy_mask_threshold, use_adaptive_entropy and its
+entropy_coef_* / entropy_target knobs; see docs/controls.md), as do adaptive TEPO's knobs.
+Everything is checked in `__post_init__`, i.e. when the config is built or parsed by `TrlParser`,
+before any model or data set is loaded.
 """
 
 from __future__ import annotations
@@ -49,11 +52,8 @@ REPLACED_TRL_FIELDS: dict[str, tuple[Any, str]] = {
     "epsilon": (None, "set --clip_low instead"),
     "epsilon_high": (None, "set --clip_high instead"),
     "importance_sampling_level": (None, "set --objective gspo, gspo_token or tepo for sequence-level ratios instead"),
-    "top_entropy_quantile": (None, "leave it unset (token selection is part of clip_cov / kl_cov)"),
     "delta": (None, "leave it unset (two-sided clipping is not part of any objective here)"),
-    "off_policy_mask_threshold": (None, "leave it unset (off-policy sequence masking is not supported)"),
     "use_bias_correction_kl": (False, "leave it false (the KL term is the plain estimator of --kl_estimator)"),
-    "use_adaptive_entropy": (False, "set a constant --entropy_coef instead"),
 }
 
 
@@ -126,6 +126,27 @@ class TEPOConfig(GRPOConfig):
         },
     )
     stability_monitor: bool = field(default=True, metadata={"help": "Run tepo's stability monitor (writes monitor.json)."})
+
+    # Adaptive TEPO (tepo.training.adaptive_tepo, docs/controls.md): tepo_kl_coef from the token entropy.
+    adaptive_tepo: bool = field(
+        default=False,
+        metadata={
+            "help": "Adaptive TEPO (objective tepo): after every optimiser step set tepo_kl_coef to "
+            "clip(c + adaptive_tepo_rate * (H* - H) / H*, 0, adaptive_tepo_kl_max) from the step's token entropy H; "
+            "tepo_kl_coef is the starting value."
+        },
+    )
+    adaptive_tepo_target: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive TEPO: entropy target H* (nats). None: adaptive_tepo_target_ratio x the first step's entropy."},
+    )
+    adaptive_tepo_target_ratio: float = field(
+        default=0.75, metadata={"help": "Adaptive TEPO: H* as a fraction of the first step's entropy (when adaptive_tepo_target is None)."}
+    )
+    adaptive_tepo_rate: float = field(
+        default=10.0, metadata={"help": "Adaptive TEPO: change of tepo_kl_coef per step at a relative entropy deficit of 1."}
+    )
+    adaptive_tepo_kl_max: float = field(default=100.0, metadata={"help": "Adaptive TEPO: upper bound of tepo_kl_coef."})
     # TRL's field, with another default: unset means the objective's own scale (dr_grpo: none).
     scale_rewards: str | None = field(
         default=None,
@@ -140,7 +161,6 @@ class TEPOConfig(GRPOConfig):
     loss_type: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
     epsilon: float | None = field(default=None, metadata={"help": "Not used: set --clip_low."})
     importance_sampling_level: str | None = field(default=None, metadata={"help": "Not used: set --objective."})
-    top_entropy_quantile: float | None = field(default=None, metadata={"help": "Not used."})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported (must be false)."})
     # metrics.jsonl has one row per optimiser step.
     logging_steps: float = field(default=1, metadata={"help": "Must be 1: metrics.jsonl logs every optimiser step."})
@@ -151,6 +171,7 @@ class TEPOConfig(GRPOConfig):
         super().__post_init__()
         self._check_rollout_correction()
         self._check_batch_shape()
+        self._check_controls()
         self._warn_accumulation()
         self._map_reference_model()
 
@@ -282,6 +303,50 @@ class TEPOConfig(GRPOConfig):
                 f"scale_rewards={self.scale_rewards!r} is not one of {', '.join(ADVANTAGE_SCALES)} "
                 f"(or unset: the objective's own, {self.resolved_scale_rewards()!r} for {self.objective})"
             )
+
+    def _check_controls(self) -> None:
+        """The objective-independent controls (docs/controls.md)."""
+        def finite(name, low=None, strict=False):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if ok and low is not None:
+                ok = value > low if strict else value >= low
+            if not ok:
+                bound = "" if low is None else f" {'>' if strict else '>='} {low}"
+                raise ValueError(f"{name}={value!r} must be a finite number{bound}")
+
+        q = self.top_entropy_quantile
+        if not (isinstance(q, (int, float)) and 0.0 <= q <= 1.0):
+            raise ValueError(f"top_entropy_quantile={q!r} must be in [0, 1] (1: every token)")
+        ga = self.gradient_accumulation_steps
+        if q < 1.0 and ga > 1 and self.steps_per_generation % ga != 0:
+            raise ValueError(
+                f"top_entropy_quantile={q} with gradient_accumulation_steps={ga}: the quantile is over the optimiser "
+                f"step's micro-batches, which must lie in one rollout; steps_per_generation={self.steps_per_generation} "
+                f"must be a multiple of {ga}"
+            )
+        if self.off_policy_mask_threshold is not None:
+            finite("off_policy_mask_threshold", 0.0)
+        if self.use_adaptive_entropy:
+            for name in ("entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"):
+                finite(name, None if name == "entropy_target" else 0.0)
+            if self.entropy_coef_min > self.entropy_coef_max:
+                raise ValueError(
+                    f"entropy_coef_min={self.entropy_coef_min} is above entropy_coef_max={self.entropy_coef_max}"
+                )
+        if self.adaptive_tepo:
+            if self.objective != "tepo":
+                raise ValueError(f"adaptive_tepo=True sets tepo_kl_coef, a hyper-parameter of objective tepo only "
+                                 f"(objective={self.objective!r})")
+            if self.adaptive_tepo_target is not None:
+                finite("adaptive_tepo_target", 0.0, strict=True)
+            finite("adaptive_tepo_target_ratio", 0.0, strict=True)
+            finite("adaptive_tepo_rate", 0.0)
+            finite("adaptive_tepo_kl_max", 0.0)
+            start = self.resolved_hparams()["tepo_kl_coef"]
+            if start > self.adaptive_tepo_kl_max:
+                raise ValueError(f"tepo_kl_coef={start} (the starting value) is above adaptive_tepo_kl_max="
+                                 f"{self.adaptive_tepo_kl_max}")
 
     def _map_reference_model(self) -> None:
         # TRL loads a reference model and computes ref log-probs only when its beta != 0.

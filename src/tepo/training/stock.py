@@ -11,7 +11,14 @@ Where stock TRL differs by design (the config is still built; the docs say so):
   step's token sum by the rollout's token count shared evenly between its steps; tepo by the step's
   own count;
 - `entropy_coef`: TRL's bonus is a token-mean of each micro-batch whatever the loss type; tepo's
-  uses the objective's aggregation over the whole step.
+  uses the objective's aggregation over the whole step;
+- `top_entropy_quantile` (docs/controls.md): TRL's quantile is over each micro-batch (the step's only
+  without gradient accumulation), and TRL also restricts its entropy bonus and its adaptive-entropy
+  measurement to the selected tokens; tepo's quantile is over the whole optimiser step and the
+  selection weighs the policy term only;
+- `use_adaptive_entropy`: the same controller; TRL logs `entropy_coef` after its update, tepo the
+  value the step used.
+`off_policy_mask_threshold` and TRL's adaptive-entropy knobs pass through unchanged.
 The config sets `use_bias_correction_kl=False` (stock TRL 1.16's default, True, multiplies the KL to
 the reference by the importance ratio; tepo's KL term is the plain k3 estimator) and
 `vllm_importance_sampling_correction=False` (tepo refuses it), and `scale_rewards` to the advantage
@@ -20,7 +27,7 @@ for dr_grpo, where stock TRL's default "group" would not be Dr. GRPO).
 Where TRL's hyper-parameters are named or bounded differently: cispo's cap 1 + clip_high is TRL's
 `epsilon_high` itself (ScaleRL's eps_max), and TRL has no lower bound (clip_low must be 1: a bound
 of 0); gmpo's log_clip_low/log_clip_high are GMPOConfig's log-space `epsilon`/`epsilon_high`.
-What has no stock counterpart is refused: clip_cov, kl_cov, gpg, tepo's KL mask (tepo_kl_coef > 0),
+What has no stock counterpart is refused: clip_cov, kl_cov, gpg, tepo's KL mask (tepo_kl_coef > 0, adaptive_tepo),
 cispo with a lower bound (clip_low < 1), gmpo with an entropy bonus (GMPOTrainer has none),
 another aggregation than the objective's own, a KL estimator other than k3, a Dr. GRPO max_len
 other than max_completion_length.
@@ -100,6 +107,8 @@ def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
         raise ValueError(f"agg={hp['agg']!r}: stock TRL's {objective} aggregates as {own['agg']!r} only")
     if hp.get("tepo_kl_coef", 0.0) > 0:
         raise ValueError(f"tepo_kl_coef={hp['tepo_kl_coef']!r}: stock TRL has no KL mask (set it to 0)")
+    if config.adaptive_tepo:
+        raise ValueError("adaptive_tepo=True: stock TRL has no KL mask to adapt (set it to false)")
     if hp["beta_kl"] > 0 and hp["kl_estimator"] != "k3":
         raise ValueError(f"kl_estimator={hp['kl_estimator']!r}: stock TRL's KL to the reference is k3 only")
     max_len = config.objective_hparams()["max_len"]

@@ -44,6 +44,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from tepo.objectives import policy_loss
 from tepo.training import rollout_correction, sampling, vllm_sync
+from tepo.training.controls import install_controls
 from tepo.training.distributed import token_mean_scale
 from tepo.training.step_metrics import StepMetrics, gather_micro_batch
 from tepo.training.callbacks import (
@@ -113,6 +114,7 @@ class TEPOTrainer(GRPOTrainer):
         self.token_weights: list = []
         # The sampler-vs-trainer correction of vLLM rollouts (TRL's vllm_importance_sampling_* options).
         self.token_weights.extend(rollout_correction.install(self, args))
+        install_controls(self, args)  # token selection, off-policy mask, entropy controllers (docs/controls.md)
 
         # Callbacks, in the order they must see each step: the clock stops before any evaluation,
         # the monitor annotates the logs before the writer writes them.
