@@ -29,13 +29,11 @@ def rollout_means(log: list[dict], key: str, n: int = 5) -> tuple[float | None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trl import GRPOTrainer
-
     from tepo.models import resolve_model
     from tepo.rewards import math_reward_func
     from tepo.tasks import to_prompt_dataset
     from tepo.training.cli import heldout_eval, load_problems, parse
-    from tepo.training.stock import stock_trl_config
+    from tepo.training.stock import stock_trl_config, stock_trl_trainer_class
 
     argv = list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
@@ -49,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(script.model)
-    print(f"stock_trl: GRPOTrainer loss_type={config.loss_type} importance_sampling_level="
+    print(f"stock_trl: {stock_trl_trainer_class(tepo_config.objective).__name__} loss_type={config.loss_type} importance_sampling_level="
           f"{config.importance_sampling_level} epsilon={config.epsilon}/{config.epsilon_high} on "
           f"{len(train_problems)} problems, model {model_path}, {config.max_steps} steps -> {out}", flush=True)
-    trainer = GRPOTrainer(model=model_path, reward_funcs=math_reward_func, args=config,
+    trainer_class = stock_trl_trainer_class(tepo_config.objective)  # GMPOTrainer for gmpo
+    trainer = trainer_class(model=model_path, reward_funcs=math_reward_func, args=config,
                           train_dataset=to_prompt_dataset(train_problems))
     max_new = tepo_config.heldout_max_new_tokens or config.max_completion_length
     evals = {}

@@ -98,4 +98,6 @@ def test_each_objective_declares_its_advantage_scale():
     from tepo.objectives import advantage_scale, list_objectives
 
     assert advantage_scale("dr_grpo") == "none"  # Dr. GRPO: no division by the group std
-    assert {advantage_scale(n) for n in list_objectives() if n != "dr_grpo"} <= {"group", "batch"}
+    assert advantage_scale("gpg") == "none"  # GPG: centred rewards, F_norm = 1
+    assert advantage_scale("grpo") == advantage_scale("tepo") == "group"
+    assert {advantage_scale(n) for n in list_objectives()} <= {"group", "batch", "none"}

@@ -226,7 +226,8 @@ def random_inputs(seed, B=4, T=7, sigma=0.3, per_token_adv=False, empty_row=True
 
 
 def test_registry_lists_every_objective_with_the_spec_defaults():
-    assert list_objectives() == sorted(ALL)
+    # the spec's objectives (docs/objectives.md adds more; tests/test_objectives_new.py covers those)
+    assert set(ALL) <= set(list_objectives())
     for name in ALL:
         assert default_hparams(name) == SPEC_DEFAULTS[name], name
 
