@@ -278,7 +278,10 @@ class VLLMBackend:
 
         engine = {"dtype": "bfloat16", "gpu_memory_utilization": gpu_memory_utilization}
         if engine_on_cpu():
-            engine = cpu_engine_defaults()
+            # Whole prompts only: with chunked prefill, vLLM 0.32's CPU runner crashes on a seeded request
+            # whose partial-prefill token it discards ("CPU Generator does not use offset"); every request
+            # here is seeded (a large batch of prompts crashed it in bench/vllm_generation.py).
+            engine = {**cpu_engine_defaults(), "enable_chunked_prefill": False}
         if dtype != "auto":
             engine["dtype"] = dtype
         self.llm = LLM(model=path, **engine)
