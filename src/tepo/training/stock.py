@@ -20,8 +20,9 @@ Where stock TRL differs by design (the config is still built; the docs say so):
   value the step used.
 `off_policy_mask_threshold` and TRL's adaptive-entropy knobs pass through unchanged.
 The config sets `use_bias_correction_kl=False` (stock TRL 1.16's default, True, multiplies the KL to
-the reference by the importance ratio; tepo's KL term is the plain k3 estimator) and
-`vllm_importance_sampling_correction=False` (tepo refuses it), and `scale_rewards` to the advantage
+the reference by the importance ratio; tepo's KL term is the plain k3 estimator), passes the vLLM
+rollout correction through (TRL's own `vllm_importance_sampling_*`, the same formulas; tepo's extra
+`geometric_mask` is refused), and sets `scale_rewards` to the advantage
 scale tepo trains with (`TEPOConfig.resolved_scale_rewards`: the objective's own unless set; "none"
 for dr_grpo, where stock TRL's default "group" would not be Dr. GRPO).
 Where TRL's hyper-parameters are named or bounded differently: cispo's cap 1 + clip_high is TRL's
@@ -116,6 +117,9 @@ def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
         raise ValueError(
             f"max_len={max_len!r}: stock TRL's dr_grpo divides by max_completion_length={config.max_completion_length}"
         )
+    if config.use_vllm and config.vllm_importance_sampling_correction and config.vllm_importance_sampling_mode == "geometric_mask":
+        raise ValueError("vllm_importance_sampling_mode='geometric_mask': stock TRL has no geometric-mean mask; "
+                         "use sequence_mask, token_mask, sequence_truncate or token_truncate")
     values = {
         f.name: getattr(config, f.name) for f in fields(GRPOConfig)
         if f.init and f.name not in REPLACED_TRL_FIELDS and f.name not in _DERIVED
@@ -126,7 +130,6 @@ def stock_trl_config(config: TEPOConfig) -> GRPOConfig:
         beta=hp["beta_kl"], use_bias_correction_kl=False,  # tepo's KL term is the plain estimator
         entropy_coef=hp["entropy_coef"],
         scale_rewards=config.resolved_scale_rewards(),  # the advantage scale tepo trains with (dr_grpo: none)
-        vllm_importance_sampling_correction=False,  # tepo's pi_old is the trainer's recomputed log-probs
     )
     if objective == "gmpo":
         from trl.experimental.gmpo import GMPOConfig
