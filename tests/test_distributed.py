@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import socket
@@ -35,7 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tiny_llm, also when run as a script
 
 import tepo.training.cli as _cli_module  # noqa: E402
-import tepo.training.trainer as _trainer_module  # noqa: E402
 from tepo.objectives import policy_loss  # noqa: E402
 from tepo.training.distributed import (  # noqa: E402
     loss_mask,
@@ -267,13 +265,6 @@ def test_sharded_step_equals_whole_batch(objective, hp, world, micro):
 
 MAX_COMPLETION = 8
 LR = 0.1
-# Whether TEPOTrainer already applies the factor (then the 'tepo' cases below must pass as they are).
-TRAINER_WIRED = "token_mean_scale" in inspect.getsource(_trainer_module.TEPOTrainer._compute_loss)
-NOT_WIRED_REASON = (
-    "TEPOTrainer._compute_loss does not yet multiply token-mean losses by "
-    "tepo.training.distributed.token_mean_scale(self, inputs), so with uneven token counts each "
-    "micro-batch / rank is averaged on its own (see docs/scaling.md)"
-)
 
 
 def scripted_completion(prompt_ids, k: int, eos_id: int, vocab: range) -> list[int]:
@@ -321,25 +312,14 @@ def make_trainer_classes():
                 seen[key] += 1
             return out, None
 
-        def _extra_scale(self, inputs) -> float:
-            return 1.0
-
         def _compute_loss(self, model, inputs):
-            loss = super()._compute_loss(model, inputs) * self._extra_scale(inputs)
+            loss = super()._compute_loss(model, inputs)
             if self.model.training and self.state.global_step + 1 in self.poison_steps:
                 loss = loss * float("nan")  # NaN loss, NaN gradients
             if self.model.training:
                 self.micro_losses.append(loss.item())
                 self.micro_tokens.append(int(loss_mask(inputs).sum()))
             return loss
-
-    class WiredTrainer(ScriptedTrainer):
-        """What the trainer does once wired: token-mean losses times `token_mean_scale`."""
-
-        def _extra_scale(self, inputs) -> float:
-            if self.args.resolved_hparams()["agg"] != "token-mean":
-                return 1.0
-            return token_mean_scale(self, inputs)
 
     class GradRecorder(TrainerCallback):
         """Each optimiser step's gradient (not under DeepSpeed), and the weights after it."""
@@ -361,11 +341,11 @@ def make_trainer_classes():
                 for p in self.trainer.model.parameters()
             ]))
 
-    return ScriptedTrainer, WiredTrainer, GradRecorder
+    return ScriptedTrainer, GradRecorder
 
 
 def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, steps_per_generation, max_steps,
-                 wired=False, poison_steps=(), max_nonfinite_steps=3, optim="sgd", save_steps=None,
+                 poison_steps=(), max_nonfinite_steps=3, optim="sgd", save_steps=None,
                  resume=None) -> dict:
     """Train the tiny model for max_steps with scripted rollouts; per optimiser step: the gradient
     this process saw (None under DeepSpeed), its micro-batch losses and token counts, the weights
@@ -376,8 +356,7 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
 
     from tepo.training import TEPOConfig
 
-    ScriptedTrainer, WiredTrainer, GradRecorder = make_trainer_classes()
-    cls = WiredTrainer if wired and not TRAINER_WIRED else ScriptedTrainer
+    ScriptedTrainer, GradRecorder = make_trainer_classes()
     tok = tiny_tokenizer()
     args = TEPOConfig(
         output_dir=str(output_dir), objective=objective, **hparams,
@@ -388,7 +367,7 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         disable_tqdm=True, stability_monitor=False, max_nonfinite_steps=max_nonfinite_steps,
     )
-    trainer = cls(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
+    trainer = ScriptedTrainer(model=tiny_model(tok), reward_funcs=parity_reward, args=args,
                   train_dataset=equal_length_prompts(), processing_class=tok, poison_steps=poison_steps)
     recorder = GradRecorder(trainer)
     trainer.add_callback(recorder)
@@ -397,6 +376,8 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         "grads": recorder.grads,
         "micro_losses": trainer.micro_losses,
         "logged_losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
+        "logged_metrics": [{k: row[k] for k in LOSS_METRICS if k in row} for row in trainer.state.log_history
+                           if "loss" in row],
         "micro_tokens": trainer.micro_tokens,
         "params": flat_params(trainer.model),
         "params_by_step": recorder.params_by_step,
@@ -405,6 +386,12 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         "grad_accum": grad_accum,
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
+
+
+# Loss metrics logged per optimiser step: the step's extremes and token means (tepo.training.step_metrics),
+# so the same with several processes and micro-batches as with one micro-batch of the whole step.
+LOSS_METRICS = ("entropy_mean", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min",
+                "ratio_max", "approx_kl", "kl_mask_frac")
 
 
 def flat_params(model) -> torch.Tensor:
@@ -455,45 +442,37 @@ def assert_same_steps(runs: list[dict], reference: dict):
         # the logged loss is the step's objective on every process, not this process's share
         torch.testing.assert_close(torch.tensor(r["logged_losses"]), torch.tensor(reference["logged_losses"]),
                                    rtol=1e-5, atol=1e-7)
+        assert [sorted(m) for m in r["logged_metrics"]] == [sorted(m) for m in reference["logged_metrics"]]
+        for step, (m, m_ref) in enumerate(zip(r["logged_metrics"], reference["logged_metrics"]), start=1):
+            for key in m_ref:
+                assert m[key] == pytest.approx(m_ref[key], rel=1e-5, abs=1e-7), f"step {step}: {key}"
 
 
-# Variants: (id, objective, hparams, wired). grpo aggregates per sequence (exact already); tepo with
-# its KL mask on is token-mean (exact only with token_mean_scale).
+# Variants: (id, objective, hparams). grpo aggregates per sequence (exact already); tepo with its KL
+# mask on is token-mean (exact through the trainer's token_mean_scale).
 VARIANTS = [
-    ("grpo", "grpo", {}, False),
-    ("tepo", "tepo", {"tepo_kl_coef": 0.5, "clip_low": 0.2, "clip_high": 0.2}, False),
-    ("tepo-wired", "tepo", {"tepo_kl_coef": 0.5, "clip_low": 0.2, "clip_high": 0.2}, True),
+    ("grpo", "grpo", {}),
+    ("tepo", "tepo", {"tepo_kl_coef": 0.5, "clip_low": 0.2, "clip_high": 0.2}),
 ]
-
-
-def _variant_params(ids_needing_wiring=("tepo",)):
-    out = []
-    for vid, objective, hp, wired in VARIANTS:
-        marks = []
-        if vid in ids_needing_wiring and not TRAINER_WIRED:
-            marks.append(pytest.mark.xfail(reason=NOT_WIRED_REASON, strict=True))
-        if wired and TRAINER_WIRED:
-            marks.append(pytest.mark.skip(reason="TEPOTrainer is wired: the 'tepo' case runs the real thing"))
-        out.append(pytest.param(vid, objective, hp, wired, id=vid, marks=marks))
-    return out
+VARIANT_PARAMS = [pytest.param(vid, objective, hp, id=vid) for vid, objective, hp in VARIANTS]
 
 
 _reference_cache: dict = {}
 
 
-def reference_run(tmp_root: Path, objective, hp, wired, steps_per_generation, max_steps) -> dict:
-    key = (objective, tuple(sorted(hp.items())), wired, steps_per_generation, max_steps)
+def reference_run(tmp_root: Path, objective, hp, steps_per_generation, max_steps) -> dict:
+    key = (objective, tuple(sorted(hp.items())), steps_per_generation, max_steps)
     if key not in _reference_cache:
         _reference_cache[key] = run_scripted(
             tmp_root / f"ref-{len(_reference_cache)}", objective=objective, hparams=hp, per_device=8, grad_accum=1,
-            steps_per_generation=steps_per_generation, max_steps=max_steps, wired=wired,
+            steps_per_generation=steps_per_generation, max_steps=max_steps,
         )
     return _reference_cache[key]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vid, objective, hp, wired", _variant_params())
-def test_grad_accumulation_matches_one_batch(tmp_path, monkeypatch, vid, objective, hp, wired):
+@pytest.mark.parametrize("vid, objective, hp", VARIANT_PARAMS)
+def test_grad_accumulation_matches_one_batch(tmp_path, monkeypatch, vid, objective, hp):
     """k = 2 micro-batches of 4 == one micro-batch of 8, over two optimiser steps served by one
     rollout of 16 (the second step off-policy: TRL's old log-probs and TEPO's old entropy in play)."""
     import trl.trainer.grpo_trainer as grpo_module
@@ -501,9 +480,9 @@ def test_grad_accumulation_matches_one_batch(tmp_path, monkeypatch, vid, objecti
     # Rows in rollout order, so that both runs put the same rows in the same optimiser step.
     monkeypatch.setattr(grpo_module, "shuffle_sequence_dict", lambda d: d)
     ref = run_scripted(tmp_path / "ref", objective=objective, hparams=hp, per_device=8, grad_accum=1,
-                       steps_per_generation=2, max_steps=2, wired=wired)
+                       steps_per_generation=2, max_steps=2)
     acc = run_scripted(tmp_path / "acc", objective=objective, hparams=hp, per_device=4, grad_accum=2,
-                       steps_per_generation=4, max_steps=2, wired=wired)
+                       steps_per_generation=4, max_steps=2)
     tokens = acc["micro_tokens"]
     assert tokens[0] != tokens[1] or tokens[2] != tokens[3], "micro-batches hold equal token counts"
     assert_same_steps([acc], ref)
@@ -571,8 +550,8 @@ def two_process_runs(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vid, objective, hp, wired", _variant_params())
-def test_two_processes_match_one_process(two_process_runs, tmp_path_factory, vid, objective, hp, wired):
+@pytest.mark.parametrize("vid, objective, hp", VARIANT_PARAMS)
+def test_two_processes_match_one_process(two_process_runs, tmp_path_factory, vid, objective, hp):
     engine, out = two_process_runs
     runs = [torch.load(out / f"{vid}-rank{r}.pt") for r in range(2)]
     assert [r["zero_stage"] for r in runs] == [ZERO_STAGE[engine]] * 2, "the launch did not run the engine asked for"
@@ -582,7 +561,7 @@ def test_two_processes_match_one_process(two_process_runs, tmp_path_factory, vid
         assert runs[0]["grads"] is None  # DeepSpeed's gradients are not in p.grad; the weights are compared
     tokens = [sum(r["micro_tokens"][:2]) for r in runs]
     assert tokens[0] != tokens[1], "both processes hold equal token counts: the test would prove little"
-    ref = reference_run(tmp_path_factory.mktemp("ref"), objective, hp, wired, steps_per_generation=1, max_steps=2)
+    ref = reference_run(tmp_path_factory.mktemp("ref"), objective, hp, steps_per_generation=1, max_steps=2)
     assert_same_steps(runs, ref)
 
 
@@ -662,9 +641,9 @@ def worker_main(argv: list[str] | None = None) -> int:
                            max_nonfinite_steps=2)
         torch.save(run, out / f"nonfinite-rank{rank}.pt")
     else:
-        for vid, objective, hp, wired in VARIANTS:
+        for vid, objective, hp in VARIANTS:
             run = run_scripted(out / f"run-{vid}", objective=objective, hparams=hp, per_device=2, grad_accum=2,
-                               steps_per_generation=2, max_steps=2, wired=wired)
+                               steps_per_generation=2, max_steps=2)
             torch.save(run, out / f"{vid}-rank{rank}.pt")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -719,10 +698,6 @@ def test_vllm_recipes_parse_into_tepo_config(name, tmp_path):
     assert script.task is not None or script.data is not None
 
 
-# Whether `tepo train` closes the process group when it ends (see shutdown_distributed).
-CLI_CLOSES_PROCESS_GROUP = "shutdown_distributed" in inspect.getsource(_cli_module)
-
-
 def heldout_problems_of(out: Path) -> list[dict]:
     """The held-out problems of the `tepo train` run in `out`, loaded as it loaded them."""
     script = _cli_module.TrainScriptArguments(**json.loads((out / "run.json").read_text())["script"])
@@ -730,11 +705,6 @@ def heldout_problems_of(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not CLI_CLOSES_PROCESS_GROUP, strict=False,
-    reason="tepo train does not yet call tepo.training.distributed.shutdown_distributed() when it ends: "
-    "about 1 in 5 two-process gloo runs then abort at exit (exit code -6) after finishing their work",
-)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_tepo_train_two_processes_cli(tmp_path, engine):
     """`accelerate launch --config_file recipes/accelerate/<config> --no_python tepo train`, held-out

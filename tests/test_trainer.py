@@ -206,7 +206,17 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer_module, "policy_loss", spy)
-    tr = make_trainer(tmp_path, objective="tepo", tepo_kl_coef=0.5, clip_high=0.01, max_steps=2)
+    reward = RecordedReward()
+    tr = make_trainer(tmp_path, reward=reward, objective="tepo", tepo_kl_coef=0.5, clip_high=0.01, max_steps=2)
+    scored = []
+    real_score_round = tr._score_round
+
+    def score_round(inputs):
+        batch, rewards, stats = real_score_round(inputs)
+        scored.append(batch)
+        return batch, rewards, stats
+
+    tr._score_round = score_round
     tr.train()
     assert len(calls) == 2 and all(c["name"] == "tepo" for c in calls)
     first, second = calls
@@ -215,19 +225,25 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
         assert c["advantages"].shape == (8,) and c["logp"].shape == c["mask"].shape == c["old_logp"].shape
         assert c["entropy"] is not None and c["old_entropy"] is not None
         assert c["old_logp"].requires_grad is False and c["logp"].requires_grad
-    # step 2 trains on the same rollout after an update: pi_old and its entropy are the rollout's, not now's
+    # step 2 trains on the same rollout after an update: pi_old and its entropy are the rows recorded when
+    # the rollout was scored (it is shuffled before it is split into steps), not the current policy's
+    (batch,) = scored
+    for old_logp, old_entropy in zip(second["old_logp"], second["old_entropy"]):
+        same = (batch["old_per_token_logps"] == old_logp).all(dim=1) & (batch["old_entropy"] == old_entropy).all(dim=1)
+        assert same.any(), "a row of step 2's pi_old is not a row of the rollout's"
     m = second["mask"].bool()
-    assert not torch.allclose(second["old_logp"][m], second["logp"].detach()[m])
-    assert not torch.allclose(second["old_entropy"][m], second["entropy"].detach()[m])
+    assert not torch.allclose(second["old_entropy"][m], second["entropy"].detach()[m], rtol=1e-5, atol=1e-5)
     # the logged loss is exactly the objective's loss (gradient_accumulation_steps == 1)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     for c, row in zip(calls, rows):
         assert row["loss"] == pytest.approx(c["out"].loss.item(), rel=1e-6, abs=1e-9)
         assert row["clip_frac"] == pytest.approx(c["out"].metrics["clip_frac"])
         assert row["kl_mask_frac"] == pytest.approx(c["out"].metrics["kl_mask_frac"])
-    # advantages are TRL's group-normalised ones: each group of 4 sums to ~0 over the whole rollout
-    adv = torch.cat([c["advantages"] for c in calls])
-    assert abs(adv.sum().item()) < 1e-3
+    # the advantages are the rollout's rewards, group-normalised (tepo's scale), computed by hand
+    expected = torch.tensor(sorted(expected_advantages(reward.returned, 4, "group")))
+    assert expected.abs().max() > 0.5, "every group agreed: nothing to compare"
+    torch.testing.assert_close(torch.cat([c["advantages"] for c in calls]).sort().values, expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +373,61 @@ def test_first_step_after_a_rollout_is_exactly_on_policy(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# TRL's evaluation loop and dropout
+
+
+@pytest.mark.slow
+def test_trl_evaluation_loop_runs_with_the_kl_mask(tmp_path, monkeypatch):
+    """eval_dataset + eval_strategy with tepo_kl_coef > 0 and an off-policy batch shape (2 optimiser
+    steps per rollout, so TRL records old_per_token_logps, in evaluation too): evaluation batches are
+    scored just before their loss, so pi_old (with its entropy) is the evaluation pass's own."""
+    calls = spy_pi_old(monkeypatch)
+    tok = tiny_tokenizer()
+    args = small_config(tmp_path / "run", objective="tepo", tepo_kl_coef=0.5, eval_strategy="steps", eval_steps=1,
+                        per_device_eval_batch_size=8)
+    tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward, args=args, train_dataset=prompt_dataset(),
+                     eval_dataset=prompt_dataset(8), processing_class=tok)
+    tr.train()
+    evals = [r for r in tr.state.log_history if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    for r in evals:
+        assert math.isfinite(r["eval_loss"]) and r["eval_kl_mask_frac"] == 0.0
+        assert r["eval_ratio_min"] == r["eval_ratio_max"] == 1.0
+    assert len(calls) == 2 + 2 * (8 * 4 // 8)  # 2 training steps; per evaluation 8 prompts x 4 completions in 8s
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and not any(k.startswith("eval_") for r in rows for k in r)
+
+
+def test_disable_dropout_is_the_default_and_covers_attention_dropout(tmp_path):
+    """A model with dropout (the tiny Llama's attention dropout at 0.5, and an nn.Dropout on its
+    embeddings): with the default config its training-mode forward is deterministic; with
+    disable_dropout=False (TRL's default) it is not."""
+    assert TEPOConfig(output_dir=str(tmp_path), **BASE).disable_dropout is True
+
+    def model_with_dropout():
+        tok = tiny_tokenizer()
+        model = tiny_model(tok)
+        model.config.attention_dropout = 0.5
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+        model.model.embedding_dropout = torch.nn.Dropout(0.5)
+        model.model.embed_tokens.register_forward_hook(lambda module, args, out: model.model.embedding_dropout(out))
+        return model, tok
+
+    def train_mode_forwards_agree(**overrides) -> bool:
+        model, tok = model_with_dropout()
+        tr = TEPOTrainer(model=model, reward_funcs=parity_reward, args=small_config(tmp_path / "run", **overrides),
+                         train_dataset=prompt_dataset(), processing_class=tok)
+        tr.model.train()
+        ids = torch.tensor([tok.encode("What is 1 + 1?")])
+        with torch.no_grad():
+            return torch.equal(tr.model(ids).logits, tr.model(ids).logits)
+
+    assert train_mode_forwards_agree()
+    assert not train_mode_forwards_agree(disable_dropout=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # dynamic sampling
 
 
@@ -406,13 +477,39 @@ def zero_reward(completions, **kwargs):
 
 @pytest.mark.slow
 def test_dynamic_sampling_short_batch_is_logged_and_trains_on(tmp_path):
+    """No group varies, even after a refill round: training goes on, on zero-variance rows (all
+    advantages 0, so the policy term has no gradient)."""
     tr = make_trainer(tmp_path, reward=zero_reward, dynamic_sampling=True, max_resample_rounds=1, max_steps=2)
+    trained = []
+    real = tr._compute_loss
+
+    def spy(model, inputs):
+        trained.append(inputs["advantages"].clone())
+        return real(model, inputs)
+
+    tr._compute_loss = spy
     tr.train()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["zero_var_frac"] == 1.0
     assert rows[0]["dynamic_sampling/short"] == 1.0 and rows[0]["dynamic_sampling/kept_frac"] == 0.0
     assert rows[0]["dynamic_sampling/rounds"] == 1.0
+    # both optimiser steps ran, on the zero-variance rows topped up only as far as steps_per_generation
+    # needs: 2 rows, one per step
+    assert [a.numel() for a in trained] == [1, 1] and all(bool((a == 0).all()) for a in trained)
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) and r["grad_norm"] == 0.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_short_batch_with_some_varied_groups_moves_the_weights(tmp_path):
+    """No refill round allowed and half the prompts never vary (index_reward): the kept groups,
+    topped up with zero-variance rows, are trained on, and the weights move."""
+    tr = make_trainer(tmp_path, reward=index_reward, dynamic_sampling=True, max_resample_rounds=0, max_steps=2)
+    before = params(tr.model)
+    tr.train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["dynamic_sampling/short"] == 1.0 and 0.0 < rows[0]["dynamic_sampling/kept_frac"] < 1.0
+    assert rows[0]["grad_norm"] > 0 and not torch.equal(before, params(tr.model))
 
 
 def test_sampling_helpers_pad_and_select():

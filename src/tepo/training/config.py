@@ -147,6 +147,14 @@ class TEPOConfig(GRPOConfig):
         default=10.0, metadata={"help": "Adaptive TEPO: change of tepo_kl_coef per step at a relative entropy deficit of 1."}
     )
     adaptive_tepo_kl_max: float = field(default=100.0, metadata={"help": "Adaptive TEPO: upper bound of tepo_kl_coef."})
+    # TRL's field, default on here (TRL: off), as the RL papers train: with dropout, pi_old carries noise.
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn dropout off in the policy (nn.Dropout and attention dropout): otherwise pi_old and the "
+            "training pass see different dropout masks. TRL's default is false."
+        },
+    )
     # TRL's field, with another default: unset means the objective's own scale (dr_grpo: none).
     scale_rewards: str | None = field(
         default=None,

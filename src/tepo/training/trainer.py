@@ -92,6 +92,8 @@ class TEPOTrainer(GRPOTrainer):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         # TRL read args.scale_rewards, which is None when unset: the objective's own scale (dr_grpo: none).
         self.scale_rewards = args.resolved_scale_rewards()
+        if args.disable_dropout:  # TRL's switch turned nn.Dropout off; attention dropout stayed on
+            disable_dropout(self.model)
         # Our policy_loss applies entropy_coef itself; TRL's own bonus branch lives in the
         # _compute_loss we replace, and this flag must not suggest otherwise.
         self._entropy_bonus_enabled = False
@@ -426,6 +428,21 @@ class TEPOTrainer(GRPOTrainer):
                 best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in `model`: every nn.Dropout (p = 0, as TRL's disable_dropout) and the
+    attention dropout most transformers models apply from a float attribute `attention_dropout`
+    (Llama, Qwen2, Mistral, ...), which TRL's switch leaves on. With dropout on, pi_old and the
+    training pass would see different random masks."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    if isinstance(getattr(config, "attention_dropout", None), float):
+        config.attention_dropout = 0.0  # what is saved with the model
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
