@@ -3,11 +3,13 @@ TRL's tensors, dynamic sampling, the non-finite guard, and config validation."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
 import pytest
 import torch
+from trl import GRPOTrainer
 
 import tepo.training.trainer as trainer_module
 from tepo.objectives import list_objectives
@@ -215,6 +217,7 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
         return batch, rewards, stats
 
     tr._score_round = score_round
+    rollout_time_model = copy.deepcopy(tr.model).eval()  # the weights the rollout is sampled and scored with
     tr.train()
     assert len(calls) == 2 and all(c["name"] == "tepo" for c in calls)
     first, second = calls
@@ -226,6 +229,17 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
     # step 2 trains on the same rollout after an update: pi_old and its entropy are the rows recorded when
     # the rollout was scored (it is shuffled before it is split into steps), not the current policy's
     (batch,) = scored
+    # ... and those recorded rows are the rollout-time policy's: recomputed with a copy of its weights
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        again, again_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            tr, rollout_time_model, ids, attention, batch["completion_ids"].size(1), batch_size=ids.size(0),
+            compute_entropy=True,
+        )
+    valid = batch["completion_mask"].bool()
+    assert torch.allclose(again[valid], batch["old_per_token_logps"][valid], rtol=0, atol=1e-6)
+    assert torch.allclose(again_entropy[valid], batch["old_entropy"][valid], rtol=0, atol=1e-6)
     for old_logp, old_entropy in zip(second["old_logp"], second["old_entropy"]):
         same = (batch["old_per_token_logps"] == old_logp).all(dim=1) & (batch["old_entropy"] == old_entropy).all(dim=1)
         assert same.any(), "a row of step 2's pi_old is not a row of the rollout's"
