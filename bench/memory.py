@@ -99,7 +99,7 @@ def random_model_trainer(batch_size: int, output_dir: str, *, model_config: str,
         output_dir=output_dir, objective="tepo", per_device_train_batch_size=batch_size,
         num_generations=num_generations, steps_per_generation=1, max_completion_length=completion_tokens,
         max_steps=1, learning_rate=1e-6, lr_scheduler_type="constant", bf16=True, use_cpu=device == "cpu",
-        activation_checkpointing=False, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+        gradient_checkpointing=False, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
         stability_monitor=False, generation_kwargs={"min_new_tokens": completion_tokens},
     )
     trainer = TEPOTrainer(model=model, reward_funcs=math_reward_func, args=args,

@@ -363,7 +363,7 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         per_device_train_batch_size=per_device, gradient_accumulation_steps=grad_accum,
         steps_per_generation=steps_per_generation, num_generations=4, max_completion_length=MAX_COMPLETION,
         max_steps=max_steps, learning_rate=LR, optim=optim, max_grad_norm=0.0, lr_scheduler_type="constant",
-        use_cpu=True, bf16=False, report_to=[], activation_checkpointing=False, seed=0,
+        use_cpu=True, bf16=False, report_to=[], gradient_checkpointing=False, seed=0,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         disable_tqdm=True, stability_monitor=False, max_nonfinite_steps=max_nonfinite_steps,
     )
