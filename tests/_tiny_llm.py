@@ -33,13 +33,15 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_model(tokenizer, seed: int = 0):
+def tiny_model(tokenizer, seed: int = 0, **shape):
+    """A 2-layer Llama with tied embedding and LM head; `shape` overrides its LlamaConfig sizes."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    sizes.update(shape)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer), max_position_embeddings=512, **sizes,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
     )

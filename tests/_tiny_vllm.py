@@ -7,26 +7,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
-from _tiny_llm import tiny_tokenizer
+from _tiny_llm import tiny_model, tiny_tokenizer
 
 VLLM_IMPORTABLE = importlib.util.find_spec("vllm") is not None
 
 
 def tiny_vllm_model(tokenizer, seed: int = 0):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return model
+    return tiny_model(tokenizer, seed, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32)
 
 
 def save_tiny_vllm(path: Path, seed: int = 0) -> Path:

@@ -21,6 +21,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from tepo.training.rollout_correction import METRIC_NAMES as ROLLOUT_CORRECTION_METRICS
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -54,14 +56,7 @@ METRIC_KEYS = (
 # Written when present.
 EXTRA_KEYS = (
     "heldout_accuracy",
-    # rollout correction of vLLM rollouts (tepo.training.rollout_correction, docs/rollout-correction.md)
-    "rollout_logp_gap",
-    "rollout_logp_gap_max",
-    "rollout_is_ratio_mean",
-    "rollout_is_ratio_min",
-    "rollout_is_ratio_max",
-    "rollout_is_masked_frac",
-    "rollout_is_truncated_frac",
+    *ROLLOUT_CORRECTION_METRICS,  # vLLM rollouts (docs/rollout-correction.md)
     "nonfinite_skipped",
     "rollout",
     "dynamic_sampling/rounds",
