@@ -192,18 +192,21 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def subprocess_runner(command: Sequence[str], log_path: Path, env: Mapping[str, str]) -> int:
-    """Run `command`, stdout and stderr into `log_path`; its exit status. Ctrl-C stops the child too."""
+def subprocess_runner(command: Sequence[str], log_path: Path, env: Mapping[str, str], *,
+                      preexec_fn=None, stop_wait_s: float = 30) -> int:
+    """Run `command`, stdout and stderr into `log_path`; its exit status. Ctrl-C stops the child too
+    (terminated, killed after `stop_wait_s`); `preexec_fn` runs in the child before it starts."""
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env))
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+                                preexec_fn=preexec_fn)
         try:
             return proc.wait()
         except BaseException:
             proc.terminate()
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=stop_wait_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from tepo.analysis.compare import _cpu_lock, _duration, _tail
+from tepo.analysis.compare import subprocess_runner as compare_runner
 
 DONE_FILE = "DONE.json"
 FAILED_FILE = "FAILED.json"
@@ -390,22 +391,9 @@ def _die_with_parent() -> None:
 
 
 def subprocess_runner(command: Sequence[str], log_path: Path, env: Mapping[str, str]) -> int:
-    """Run `command` with stdout and stderr appended to `log_path`; its exit status."""
-    with open(log_path, "ab") as log:
-        log.write(f"$ {shlex.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        try:
-            return proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
+    """compare's runner, with the child trainer bound to die with the study (Linux)."""
+    return compare_runner(command, log_path, env, stop_wait_s=60,
+                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def _git_commit(paths: Sequence[Path], message: str, echo: Callable[[str], None]) -> None:
