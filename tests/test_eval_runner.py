@@ -358,3 +358,17 @@ def test_evaluate_on_benchmark_files_with_a_tiny_model(tiny, tmp_path):
         assert all(b[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
     first_gold = json.loads((DATA_DIR / "gsm8k" / "test.jsonl").read_text().splitlines()[0])["answer"]
     assert next(row["gold"] for row in rows if row["id"] == "gsm8k-test-0000") == first_gold
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, autocast", [(False, False, None), (True, False, torch.bfloat16),
+                                                         (False, True, torch.bfloat16)])
+def test_auto_dtype_on_cpu_autocasts_to_bf16_only_where_the_cpu_has_it(tiny, tmp_path, monkeypatch, avx512_bf16, amx, autocast):
+    # without AVX512-BF16 or AMX torch emulates bf16 and autocast makes generation slower, not faster
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    backend = HFBackend.from_pretrained(str(tmp_path / "m"), dtype="auto", device="cpu")
+    assert backend.autocast_dtype == autocast
+    assert next(backend.model.parameters()).dtype == torch.float32

