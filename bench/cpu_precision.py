@@ -4,7 +4,7 @@
   (16 sequences of 140 tokens: a one-shot prompt and 48 completion tokens), as the trainer runs it
   (fp32 weights; `torch.autocast("cpu", bfloat16)` is what `bf16: true` turns on);
 - greedy: Hugging Face generate on the main job's held-out problems (64 of them, one batch, 48 new
-  tokens), through tepo's own evaluation backend (`dtype="float32"` vs `"auto"`: bf16 autocast).
+  tokens), through tepo's own evaluation backend (fp32 weights, plain or under bf16 autocast).
 
 The two precisions alternate (fp32, bf16, fp32, bf16, ...) so a slow patch of a shared machine hits
 both; the first round is warm-up. Whether bf16 is fast depends on the CPU having it natively
@@ -56,13 +56,14 @@ def time_updates(model_path: str, rounds: int, seqs: int, tokens: int) -> dict[s
 
 
 def time_greedy(model_path: str, rounds: int, problems: int, max_new_tokens: int) -> dict[str, list[float]]:
-    from tepo.evaluation.generation import load_backend
+    from tepo.evaluation.generation import HFBackend
     from tepo.tasks.arithmetic import make_problems
     from tepo.tasks.prompts import build_messages
 
     messages = [build_messages(p["problem"]) for p in make_problems(problems, levels=(1, 2), split="test", seed=0)]
-    backends = {"fp32": load_backend(model_path, backend="hf", dtype="float32", batch_size=problems),
-                "bf16": load_backend(model_path, backend="hf", dtype="auto", batch_size=problems)}
+    fp32 = HFBackend.from_pretrained(model_path, dtype="float32", device="cpu", batch_size=problems)
+    backends = {"fp32": fp32,  # the same weights; bf16 = autocast, as bf16: true evaluates
+                "bf16": HFBackend.from_model(fp32.model, fp32.tokenizer, batch_size=problems, autocast_dtype=torch.bfloat16)}
     times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
     for r in range(rounds + 1):
         for precision in PRECISIONS:
