@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 BACKENDS = {  # name -> (backend, dtype, batch_size)
     "vllm fp32 (eager)": ("vllm", "auto", None),
     "hf fp32": ("hf", "float32", 64),
-    "hf fp32 + bf16 autocast (tepo's CPU default)": ("hf", "auto", 64),
+    "hf auto (bf16 autocast only where the CPU has it natively)": ("hf", "auto", 64),
 }
 
 
