@@ -91,7 +91,7 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, capsys):
 @pytest.mark.parametrize("bf16, autocast", [("false", "none"), ("true", "bf16")])
 def test_heldout_evaluations_run_in_the_precision_the_trainer_trains_in(tmp_path, monkeypatch, bf16, autocast):
     """fp32 training is evaluated in fp32, bf16 training under bf16 autocast: the held-out figures
-    are those of the policy as trained (and, on a CPU without native bf16, not 2.8x slower)."""
+    are those of the policy as trained (and, on a CPU without native bf16, not 2.4x slower)."""
     import tepo.evaluation.runner as runner
 
     calls = []

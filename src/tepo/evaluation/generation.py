@@ -143,7 +143,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without either, torch emulates
-    bf16 matrix products and bf16 autocast is slower than fp32 (2.8x for greedy generation on this
+    bf16 matrix products and bf16 autocast is slower than fp32 (2.4x for greedy generation on this
     project's machine; docs/benchmarks.md, "CPU precision")."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
