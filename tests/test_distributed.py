@@ -162,8 +162,56 @@ def test_strided_heldout_results_merge_into_the_whole(num, world):
 
 
 def test_shutdown_distributed_without_a_process_group_is_a_no_op():
-    shutdown_distributed()
+    assert shutdown_distributed() is False
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def _end_of_train_main(monkeypatch, *, group_open: bool, train):
+    """What `train_main` does after the run: the calls it makes, and how it ends."""
+    import atexit
+
+    import tepo.training.distributed as distributed
+
+    calls: list = []
+
+    def shutdown(*, synchronise=True):
+        calls.append(("shutdown", synchronise))
+        return group_open
+
+    def hard_exit(code):
+        calls.append(("os._exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(_cli_module, "_train", train)
+    monkeypatch.setattr(distributed, "shutdown_distributed", shutdown)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit handlers"))
+    monkeypatch.setattr(os, "_exit", hard_exit)
+    try:
+        outcome = ("returned", _cli_module.train_main([]))
+    except SystemExit as stop:
+        outcome = ("exited", stop.code)
+    except RuntimeError as err:
+        outcome = ("raised", str(err))
+    return calls, outcome
+
+
+def test_train_main_ends_a_multi_process_run_without_the_interpreter_teardown(monkeypatch):
+    """A gloo process can abort (-6) in the interpreter's teardown after its work is done (seen in
+    CI on `test_tepo_train_two_processes_cli[ddp]`): after a multi-process run, `train_main` closes
+    the group together (barrier), runs the atexit handlers and leaves through os._exit."""
+    calls, outcome = _end_of_train_main(monkeypatch, group_open=True, train=lambda argv: 3)
+    assert calls == [("shutdown", True), "atexit handlers", ("os._exit", 3)]
+    assert outcome == ("exited", 3)
+    # one process: no group was open, the command returns as usual
+    calls, outcome = _end_of_train_main(monkeypatch, group_open=False, train=lambda argv: 0)
+    assert calls == [("shutdown", True)] and outcome == ("returned", 0)
+
+    def fails(argv):
+        raise RuntimeError("broken on this rank")
+
+    # an error: no barrier (the peers may never reach it), and the error goes on up
+    calls, outcome = _end_of_train_main(monkeypatch, group_open=True, train=fails)
+    assert calls == [("shutdown", False)] and outcome == ("raised", "broken on this rank")
 
 
 def _fake_trainer(*, step, grad_accum, spg, buffer, training=True):

@@ -253,14 +253,19 @@ def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, floa
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from tepo.training.distributed import shutdown_distributed
+    from tepo.training.distributed import exit_without_finalization, shutdown_distributed
 
     try:
-        return _train(list(sys.argv[1:] if argv is None else argv))
-    finally:
-        # Under `accelerate launch`, gloo processes left with an open process group sometimes
-        # abort at exit after finishing their work; closing it makes the exit clean.
-        shutdown_distributed()
+        code = _train(list(sys.argv[1:] if argv is None else argv))
+    except BaseException:
+        shutdown_distributed(synchronise=False)  # the peers may never reach a barrier
+        raise
+    # Under `accelerate launch`, a gloo process sometimes aborts in the interpreter's teardown
+    # after its work is done, and the launcher reports the run as failed: close the process group
+    # together, then end without the teardown.
+    if shutdown_distributed():
+        exit_without_finalization(code)
+    return code
 
 
 def _train(argv: list[str]) -> int:

@@ -132,13 +132,43 @@ def token_mean_scale(trainer, inputs: Mapping[str, Any]) -> float:
     return token_mean_rescale(local, step_token_count(trainer, inputs), world, k)
 
 
-def shutdown_distributed() -> None:
-    """Close torch.distributed's default process group, if one is open (no-op otherwise).
+def shutdown_distributed(*, synchronise: bool = True) -> bool:
+    """Close torch.distributed's default process group, if one is open; True if one was.
 
-    Call it once when a multi-process run is over (e.g. in a `finally` of the command). Left open,
-    gloo processes sometimes abort at interpreter exit ("terminate called without an active
-    exception", exit code -6) although their work is done, and the launcher then reports a failure."""
+    Call it once when a multi-process run is over (e.g. in a `finally` of the command). With
+    `synchronise`, every process first waits at a barrier, so that none tears down its connections
+    while a peer still talks to it; pass False on the way out of an error, when the peers may never
+    arrive. Left open, gloo processes sometimes abort at interpreter exit ("terminate called without
+    an active exception", exit code -6) although their work is done, and the launcher then reports a
+    failure; see also `exit_without_finalization`."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def exit_without_finalization(code: int) -> None:
+    """End this process now with `code`: run the `atexit` handlers, flush stdout and stderr, and
+    `os._exit`, skipping the interpreter's teardown.
+
+    For a process of a finished multi-process run, after `shutdown_distributed`. Even with the
+    process group destroyed, tearing the interpreter down can still free tensors that gloo's C++
+    worker threads hold and abort (SIGABRT, exit code -6) a process whose work is all done and
+    written; the launcher then reports a failed run. Everything the run writes is closed before
+    this point (files are written under `with`), and `atexit` handlers (logging, trackers, the
+    math-verify worker) still run."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can reach it anyway
+            pass
+    os._exit(code)
