@@ -91,3 +91,38 @@ def test_exact_length_prompts():
     assert {len(tok(text=naive(p, 128))["input_ids"]) for p in problems} != {128}
     for n in (16, 128):
         assert {len(tok(text=exact_length_prompt(tok, p, n))["input_ids"]) for p in problems} == {n}
+
+
+def _main_job_run(folder: Path, verdicts: list[bool], *, kib: int = 10_485_760) -> None:
+    """The files `tepo train` and `/usr/bin/time -v` leave for one main-job run, with these
+    held-out verdicts after training (all wrong before); 8 steps, a rollout every 4."""
+    folder.mkdir(parents=True)
+    ids = [f"p{i}" for i in range(len(verdicts))]
+    rows = [{"step": s, "rollout": float((s - 1) // 4 + 1), "step_time_s": 90.0 if (s - 1) % 4 == 0 else 30.0,
+             "entropy_mean": 0.5} for s in range(1, 9)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval_before.json").write_text(json.dumps({"ids": ids, "accuracy": 0.0, "verdicts": [False] * len(ids)}))
+    (folder / "eval_after.json").write_text(json.dumps({"ids": ids, "accuracy": sum(verdicts) / len(ids), "verdicts": verdicts}))
+    (folder / "time.txt").write_text(f"\tElapsed (wall clock) time (h:mm:ss or m:ss): 28:30.44\n"
+                                     f"\tMaximum resident set size (kbytes): {kib}\n")
+
+
+def test_main_job_backends_summarises_the_stored_runs(tmp_path, capsys):
+    """`bench/main_job_backends.py` (the README's vLLM-vs-HF rows) on constructed runs: per-run rows
+    from the files, and vLLM minus HF from the stored verdicts (every problem right with vLLM, half
+    with HF: +50 points)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import main_job_backends
+
+    for seed in (0, 1):
+        _main_job_run(tmp_path / f"hf-s{seed}", [True, False] * 10)
+        _main_job_run(tmp_path / f"vllm-s{seed}", [True] * 20, kib=2 * 10_485_760)
+    assert main_job_backends.main(["--results", str(tmp_path), "--no_write"]) == 0
+    out = capsys.readouterr().out
+    assert "| Hugging Face generate | 1 | 28m30s | 90 | 30 | 10.0 GiB | 0.0% -> 50.0% | 0.500 -> 0.500 |" in out
+    assert "| vLLM colocate (fp32 engine) | 0 | 28m30s | 90 | 30 | 20.0 GiB | 0.0% -> 100.0% |" in out
+    assert "vLLM minus HF +50.0 points" in out
+
+    (tmp_path / "vllm-s1" / "time.txt").write_text("nothing of /usr/bin/time here\n")
+    with pytest.raises(ValueError, match="vllm-s1/time.txt"):
+        main_job_backends.main(["--results", str(tmp_path), "--no_write"])

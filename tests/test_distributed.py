@@ -166,26 +166,21 @@ def test_shutdown_distributed_without_a_process_group_is_a_no_op():
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-def _end_of_train_main(monkeypatch, *, group_open: bool, train):
-    """What `train_main` does after the run: the calls it makes, and how it ends."""
-    import atexit
-
+def _end_of_train_main(monkeypatch, *, group_size: int, train):
+    """What `train_main` does after the run, with a process group of `group_size` open (0: none):
+    the calls it makes, and how it ends."""
     import tepo.training.distributed as distributed
 
     calls: list = []
 
-    def shutdown(*, synchronise=True):
-        calls.append(("shutdown", synchronise))
-        return group_open
-
-    def hard_exit(code):
-        calls.append(("os._exit", code))
+    def end(code):
+        calls.append(("end_process_group_run", code))
         raise SystemExit(code)
 
     monkeypatch.setattr(_cli_module, "_train", train)
-    monkeypatch.setattr(distributed, "shutdown_distributed", shutdown)
-    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append("atexit handlers"))
-    monkeypatch.setattr(os, "_exit", hard_exit)
+    monkeypatch.setattr(distributed, "process_group_size", lambda: group_size)
+    monkeypatch.setattr(distributed, "shutdown_distributed", lambda *, synchronise=True: calls.append(("shutdown", synchronise)))
+    monkeypatch.setattr(distributed, "end_process_group_run", end)
     try:
         outcome = ("returned", _cli_module.train_main([]))
     except SystemExit as stop:
@@ -195,23 +190,76 @@ def _end_of_train_main(monkeypatch, *, group_open: bool, train):
     return calls, outcome
 
 
-def test_train_main_ends_a_multi_process_run_without_the_interpreter_teardown(monkeypatch):
-    """A gloo process can abort (-6) in the interpreter's teardown after its work is done (seen in
-    CI on `test_tepo_train_two_processes_cli[ddp]`): after a multi-process run, `train_main` closes
-    the group together (barrier), runs the atexit handlers and leaves through os._exit."""
-    calls, outcome = _end_of_train_main(monkeypatch, group_open=True, train=lambda argv: 3)
-    assert calls == [("shutdown", True), "atexit handlers", ("os._exit", 3)]
-    assert outcome == ("exited", 3)
-    # one process: no group was open, the command returns as usual
-    calls, outcome = _end_of_train_main(monkeypatch, group_open=False, train=lambda argv: 0)
-    assert calls == [("shutdown", True)] and outcome == ("returned", 0)
-
+def test_train_main_ends_a_run_with_a_process_group_through_end_process_group_run(monkeypatch):
     def fails(argv):
         raise RuntimeError("broken on this rank")
 
-    # an error: no barrier (the peers may never reach it), and the error goes on up
-    calls, outcome = _end_of_train_main(monkeypatch, group_open=True, train=fails)
-    assert calls == [("shutdown", False)] and outcome == ("raised", "broken on this rank")
+    # several processes, or a colocated vLLM engine's group of one
+    for size in (2, 1):
+        assert _end_of_train_main(monkeypatch, group_size=size, train=lambda argv: 3) == (
+            [("end_process_group_run", 3)], ("exited", 3))
+    # one process, no group: the command returns as usual
+    assert _end_of_train_main(monkeypatch, group_size=0, train=lambda argv: 0) == ([], ("returned", 0))
+    # an error with several processes: the group closed without a barrier, and the error goes on up
+    assert _end_of_train_main(monkeypatch, group_size=2, train=fails) == (
+        [("shutdown", False)], ("raised", "broken on this rank"))
+    # ... with vLLM's group of one: left to vLLM, which closes it in its own exit handler
+    assert _end_of_train_main(monkeypatch, group_size=1, train=fails) == ([], ("raised", "broken on this rank"))
+
+
+class _FakeProcessGroup:
+    """torch.distributed's default group as `end_process_group_run` sees it, recording the calls."""
+
+    def __init__(self, world_size: int, calls: list):
+        self.world_size, self.open, self.calls = world_size, True, calls
+
+    def install(self, monkeypatch):
+        dist = torch.distributed
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: self.open)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: self.world_size)
+        monkeypatch.setattr(dist, "barrier", lambda *a, **k: self.calls.append("barrier"))
+        monkeypatch.setattr(dist, "destroy_process_group", self.destroy)
+
+    def destroy(self, group=None):
+        if not self.open:  # as torch does for a group that is gone
+            raise ValueError("Invalid process group specified")
+        self.open = False
+        self.calls.append("destroy")
+
+
+@pytest.mark.parametrize("world_size, handler_closes_group, expected", [
+    # two processes: barrier first; then the exit handlers; then the group
+    (2, False, ["barrier", "atexit handlers", "destroy", ("os._exit", 5)]),
+    # a colocated vLLM engine (a group of one) closes its groups in its own exit handler: the group
+    # is left to it (destroyed under it, its shutdown printed a traceback at the end of every run)
+    (1, True, ["atexit handlers", "destroy", ("os._exit", 5)]),
+])
+def test_end_process_group_run_lets_exit_handlers_close_first_then_leaves_without_teardown(
+        monkeypatch, world_size, handler_closes_group, expected):
+    import atexit
+
+    from tepo.training.distributed import end_process_group_run
+
+    calls: list = []
+    group = _FakeProcessGroup(world_size, calls)
+    group.install(monkeypatch)
+
+    def exit_handlers():
+        calls.append("atexit handlers")
+        if handler_closes_group:
+            group.destroy()
+
+    def hard_exit(code):
+        calls.append(("os._exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(atexit, "_run_exitfuncs", exit_handlers)
+    monkeypatch.setattr(os, "_exit", hard_exit)
+    with pytest.raises(SystemExit):
+        end_process_group_run(5)
+    assert calls == expected
+    assert not group.open
 
 
 def _fake_trainer(*, step, grad_accum, spg, buffer, training=True):

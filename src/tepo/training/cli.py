@@ -253,18 +253,16 @@ def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, floa
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from tepo.training.distributed import exit_without_finalization, shutdown_distributed
+    from tepo.training.distributed import end_process_group_run, process_group_size, shutdown_distributed
 
     try:
         code = _train(list(sys.argv[1:] if argv is None else argv))
     except BaseException:
-        shutdown_distributed(synchronise=False)  # the peers may never reach a barrier
+        if process_group_size() > 1:  # accelerate's group; no barrier: the peers may never reach it
+            shutdown_distributed(synchronise=False)
         raise
-    # Under `accelerate launch`, a gloo process sometimes aborts in the interpreter's teardown
-    # after its work is done, and the launcher reports the run as failed: close the process group
-    # together, then end without the teardown.
-    if shutdown_distributed():
-        exit_without_finalization(code)
+    if process_group_size():  # several processes, or a colocated vLLM engine's group
+        end_process_group_run(code)
     return code
 
 

@@ -132,18 +132,23 @@ def token_mean_scale(trainer, inputs: Mapping[str, Any]) -> float:
     return token_mean_rescale(local, step_token_count(trainer, inputs), world, k)
 
 
+def process_group_size() -> int:
+    """Processes in torch.distributed's default group: 0 when none is open. A colocated vLLM
+    engine opens one of size 1 in a single-process run (TRL's colocate mode)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
 def shutdown_distributed(*, synchronise: bool = True) -> bool:
     """Close torch.distributed's default process group, if one is open; True if one was.
 
-    Call it once when a multi-process run is over (e.g. in a `finally` of the command). With
-    `synchronise`, every process first waits at a barrier, so that none tears down its connections
-    while a peer still talks to it; pass False on the way out of an error, when the peers may never
-    arrive. Left open, gloo processes sometimes abort at interpreter exit ("terminate called without
-    an active exception", exit code -6) although their work is done, and the launcher then reports a
-    failure; see also `exit_without_finalization`."""
+    With `synchronise`, every process first waits at a barrier, so that none tears down its
+    connections while a peer still talks to it; pass False on the way out of an error, when the
+    peers may never arrive."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not process_group_size():
         return False
     if synchronise:
         dist.barrier()
@@ -151,21 +156,29 @@ def shutdown_distributed(*, synchronise: bool = True) -> bool:
     return True
 
 
-def exit_without_finalization(code: int) -> None:
-    """End this process now with `code`: run the `atexit` handlers, flush stdout and stderr, and
-    `os._exit`, skipping the interpreter's teardown.
+def end_process_group_run(code: int) -> None:
+    """End a process whose run used a process group, with exit status `code`, and never return.
 
-    For a process of a finished multi-process run, after `shutdown_distributed`. Even with the
-    process group destroyed, tearing the interpreter down can still free tensors that gloo's C++
-    worker threads hold and abort (SIGABRT, exit code -6) a process whose work is all done and
-    written; the launcher then reports a failed run. Everything the run writes is closed before
-    this point (files are written under `with`), and `atexit` handlers (logging, trackers, the
-    math-verify worker) still run."""
+    In order: a barrier (several processes: none leaves while a peer still talks to it); the
+    `atexit` handlers, so that whoever opened something closes it first (a colocated vLLM engine
+    shuts down and closes its own groups: destroyed under it, its shutdown prints a traceback);
+    the default group closed, if still open; stdout and stderr flushed; `os._exit`, without the
+    interpreter's teardown. With the group closed and the teardown still to come, a gloo process
+    once aborted (SIGABRT, exit code -6, "terminate called without an active exception") after its
+    work was done and written, and the launcher reported a failed run. Everything a run writes is
+    closed before this point (files are written under `with`); logging, trackers and the
+    math-verify worker close in their `atexit` handlers."""
     import atexit
     import os
     import sys
 
+    import torch.distributed as dist
+
+    if process_group_size() > 1:
+        dist.barrier()
     atexit._run_exitfuncs()
+    if process_group_size():
+        dist.destroy_process_group()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
