@@ -253,6 +253,8 @@ def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, floa
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """`tepo train`: its exit status. A run that opened a process group (several processes, or a
+    colocated vLLM engine) ends the process itself (`end_process_group_run`) instead of returning."""
     from tepo.training.distributed import end_process_group_run, process_group_size, shutdown_distributed
 
     try:
