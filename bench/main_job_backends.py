@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
 from tepo.analysis.bootstrap import paired_bootstrap  # noqa: E402
+from tepo.training.callbacks import read_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "main-job"
 BACKENDS = {"hf": "Hugging Face generate", "vllm": "vLLM colocate (fp32 engine)"}
@@ -47,7 +48,7 @@ def _wall_and_rss(time_txt: Path) -> tuple[str, float]:
 
 
 def read_run(folder: Path) -> dict:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(folder / "metrics.jsonl")
     before = json.loads((folder / "eval_before.json").read_text())
     after = json.loads((folder / "eval_after.json").read_text())
     if before["ids"] != after["ids"]:
