@@ -59,6 +59,11 @@ class TrainScriptArguments:
     )
     heldout_num_problems: int = field(default=150, metadata={"help": "Held-out problems to evaluate."})
     heldout_batch_size: int = field(default=32, metadata={"help": "Rows per generate batch in held-out evaluation."})
+    heldout_eval_cache: bool = field(
+        default=True,
+        metadata={"help": "Reuse the held-out evaluation of the untrained model from an earlier run with the same model "
+                          "files, problems, settings, hardware and code ($TEPO_CACHE/baseline-evals; one process only)."},
+    )
     soft_overlong_cache: int | None = field(
         default=None,
         metadata={"help": "DAPO's soft overlong punishment (TRL's soft_punish_cache, L_cache): add "
@@ -239,6 +244,30 @@ def heldout_eval(trainer, problems: list[dict], *, max_new_tokens: int, batch_si
     return {"step": step, "max_new_tokens": max_new_tokens, **result}
 
 
+def evaluate_untrained(trainer, problems: list[dict], *, script: TrainScriptArguments, model_path: str,
+                       max_new_tokens: int) -> dict:
+    """eval_before.json: the held-out evaluation of the weights before training, reused from
+    `tepo.training.baseline_eval_cache` where an identical one was done (one process only)."""
+    from tepo.training import baseline_eval_cache as cache
+
+    key = None
+    if script.heldout_eval_cache and trainer.accelerator.num_processes == 1:
+        key = cache.baseline_eval_key(model_path, problems, max_new_tokens=max_new_tokens,
+                                      batch_size=script.heldout_batch_size,
+                                      dtype=str(next(trainer.model.parameters()).dtype), bf16=bool(trainer.args.bf16),
+                                      device=trainer.accelerator.device, model_config=trainer.model.config.to_dict())
+        cached = cache.load_baseline_eval(key) if key else None
+        if cached is not None:
+            return {**cached, "step": 0, "cached_from": key}
+    # Every process takes part (its share of the problems; under ZeRO-3 gathering the weights is
+    # collective); process 0 writes.
+    _say(f"tepo train: held-out greedy accuracy before training ({len(problems)} problems)...")
+    result = heldout_eval(trainer, problems, max_new_tokens=max_new_tokens, batch_size=script.heldout_batch_size, step=0)
+    if key:
+        cache.store_baseline_eval(key, result)
+    return result
+
+
 def _reward_first_last(rows: list[dict], n: int = 5) -> tuple[float | None, float | None]:
     """Mean sampled reward of the first and the last n rollouts (not steps: a rollout serves several)."""
     by_rollout: dict[Any, float] = {}
@@ -327,13 +356,11 @@ def _train(argv: list[str]) -> int:
         if resume and (out / "eval_before.json").exists():
             before = json.loads((out / "eval_before.json").read_text())
         else:
-            # Every process takes part (its share of the problems; under ZeRO-3 gathering the weights is
-            # collective); process 0 writes.
-            _say(f"tepo train: held-out greedy accuracy before training ({len(heldout)} problems)...")
-            before = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=0)
+            before = evaluate_untrained(trainer, heldout, script=script, model_path=model_path, max_new_tokens=max_new)
             if main:
                 _write_json(out / "eval_before.json", before)
-            _say(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}")
+            _say(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}"
+                 + (" (reused: same model, problems, settings and code as an earlier run)" if "cached_from" in before else ""))
 
     train_started = time.perf_counter()
     done = resume is not None and _checkpoint_step(resume) >= config.max_steps > 0
