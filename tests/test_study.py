@@ -223,6 +223,44 @@ def test_killed_study_resumes_and_skips_finished_runs(fake_study):
     assert "model.bin" not in stored and (tmp / "runs/final/dapo-s1/checkpoint-4/model.bin").exists()
 
 
+def test_a_runs_duration_excludes_the_wait_for_the_cpu_lock(fake_study, monkeypatch):
+    """DONE.json's duration_s is the run's own time; the wait for the CPU lock is lock_wait_s."""
+    import contextlib
+
+    import tepo.analysis.study as study_module
+
+    study_file, _, _, tmp = fake_study
+    study = load_study(study_file)
+    run = study_module.tuning_runs(study)[0]
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+
+    @contextlib.contextmanager
+    def busy_lock(path):  # another job holds the CPU for ten minutes
+        clock.now += 600.0
+        yield
+
+    def runner(command, log_path, env):
+        out = Path(command[command.index("--output_dir") + 1])
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        (out / "eval_after.json").write_text('{"accuracy": 0.5}')
+        clock.now += 90.0
+        return 0
+
+    monkeypatch.setattr(study_module, "time", clock)
+    monkeypatch.setattr(study_module, "_cpu_lock", busy_lock)
+    status = study_module.train_one(study, run, runner=runner, train_command=["train"], cpu_lock="lock",
+                                    echo=lambda line: None, prefix="")
+    done = json.loads((run.results(study) / "DONE.json").read_text())
+    assert status == "done" and done["duration_s"] == 90.0 and done["lock_wait_s"] == 600.0
+
+
 def test_study_refuses_a_finished_run_trained_otherwise(fake_study):
     study, run, trained, tmp = fake_study
     assert run("run").returncode == 0

@@ -446,13 +446,14 @@ def train_one(study: Study, run: StudyRun, *, runner: Runner, train_command: Seq
     resumed = any(work.glob("checkpoint-*"))
     echo(f"{prefix} {run.key}: {'resuming' if resumed else 'training'} (log: {work / LOG_FILE})")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    start = time.monotonic()
+    asked = time.monotonic()
     with _cpu_lock(cpu_lock):
+        start = time.monotonic()  # the run's own time, not the wait for another job to free the CPU
         rc = runner(command, work / LOG_FILE, env)
-    elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - start
     record = {"key": run.key, "stage": run.stage, "arm": run.arm, "seed": run.seed, "setting": run.setting,
               "options": run.options, "args": args, "recipe_sha256": study.recipe_digest(), "returncode": rc,
-              "finished": _now(), "duration_s": round(elapsed, 1)}
+              "finished": _now(), "duration_s": round(elapsed, 1), "lock_wait_s": round(start - asked, 1)}
     if rc != 0:
         _write_json(results / FAILED_FILE, {**record, "log_tail": _tail(work / LOG_FILE, 30)})
         echo(f"{prefix} {run.key}: FAILED (exit status {rc}) after {_duration(elapsed)}; last lines of {work / LOG_FILE}:\n"
