@@ -140,7 +140,7 @@ FAKE_TRAIN = textwrap.dedent('''
              "clip_frac": 0.05, **({"heldout_accuracy": score * s / steps} if s % 2 == 0 else {})} for s in range(1, steps + 1)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
     (out / "run.json").write_text(json.dumps({"config": {"objective": opts.get("--objective"), "seed": seed}}))
-    (out / "eval_before.json").write_text(json.dumps({"accuracy": 0.0, "num_problems": int(opts["--heldout_num_problems"])}))
+    (out / "eval_before.json").write_text(json.dumps({"accuracy": score / 10, "num_problems": int(opts["--heldout_num_problems"])}))
     (out / "eval_after.json").write_text(json.dumps({"accuracy": score, "num_problems": int(opts["--heldout_num_problems"])}))
     n = int(opts["--test_num_problems"])
     if n:
@@ -185,10 +185,10 @@ def fake_study(tmp_path):
     calls = tmp_path / "calls.jsonl"
     env = dict(os.environ, FAKE_CALLS=str(calls), PYTHONPATH=str(ROOT / "src"))
 
-    def run(*args, extra_env=None):
+    def run(*args, extra_env=None, cwd=None):
         return subprocess.run([sys.executable, "-m", "tepo.cli", "study", *args, str(study), "--train_command",
                                f"{sys.executable} {fake}"], env={**env, **(extra_env or {})}, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, cwd=cwd)
 
     def trained():
         return [Path(json.loads(line)["out"]).relative_to(tmp_path / "runs").as_posix()
@@ -272,7 +272,7 @@ def test_study_refuses_a_finished_run_trained_otherwise(fake_study):
 def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
     study, run, trained, tmp = fake_study
     assert run("run").returncode == 0
-    report = run("report")
+    report = run("report", cwd=tmp)
     assert report.returncode == 0, report.stderr
     summary = json.loads((tmp / "results/report/summary.json").read_text())
     verdicts = {}
@@ -293,8 +293,13 @@ def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
     # end-of-run entropy: mean of the last 5 steps (all 4 here) of 1 - 0.1 s - 0.01 seed, over seeds 1 and 2
     assert summary["arms"]["grpo"]["end_entropy"]["estimate"] == pytest.approx(1.0 - 0.25 - 0.015, abs=1e-12)
     assert summary["arms"]["dapo"]["monitor_flagged"] == 1 and summary["arms"]["grpo"]["monitor_flagged"] == 0
+    # before training, over the finished tuning runs (dapo's three settings, fake eval_before = score / 10)
+    assert summary["tuning_before"] == pytest.approx((0.025 + 0.04 + 0.04) / 3, abs=1e-15)
     md = (tmp / "results/report/summary.md").read_text()
-    assert "selected" in md and "grpo - dapo" in md
+    assert "selected" in md and "grpo - dapo" in md and "Before training: 3.5%." in md
+    page = (tmp / "results/report/index.html").read_text()
+    # the page is committed: it names the results folder relative to where the report was made, not by a machine's path
+    assert "from <code>results</code>" in page and str(tmp) not in page
     # a tampered verdict file is caught
     path = tmp / "results/final/grpo-s1/eval_test.json"
     data = json.loads(path.read_text())

@@ -30,6 +30,7 @@ from tepo.analysis.study import (
     all_runs,
     run_status,
     select_settings,
+    tuning_runs,
 )
 
 ENTROPY_LAST_STEPS = 5  # end-of-run entropy: mean of entropy_mean over the last 5 logged steps
@@ -140,6 +141,7 @@ def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT
                 "monitor_flagged": sum(bool(monitor_kinds(f.data)) for f in fs),
             }
         result["pairs"] = {"test_accuracy": _pairs(accuracy), "steps_to_target": _pairs(steps), "end_entropy": _pairs(entropy)}
+    result["tuning_before"] = tuning_before(study)
     result["runs"] = [{"key": r.key, "status": run_status(study, r)} for r in all_runs(study)]
     planned_final = len(study.arms) * len(study.final_seeds)
     result["progress"] = {"final_done": sum(len(v) for v in finals.values()), "final_planned": planned_final,
@@ -188,9 +190,10 @@ def tables(study: Study, result: dict[str, Any]):
             rows.append([arm, f"g{s['setting']}", _options_text(s["options"]), scores or "–", _pct(s["mean"]),
                          "selected" if tuning["selected"] == s["setting"] else ""])
     if rows:
-        out.append(("tuning", Table("Tuning: validation accuracy at the last step (%), per setting", 
+        out.append(("tuning", Table("Tuning: validation accuracy at the last step (%), per setting",
                                     ["arm", "setting", "options", "per seed", "mean", ""], rows, align_left=4, text_last=True,
-                                    note="Rule: the highest mean over the tuning seeds; settings within "
+                                    note=(f"Before training: {_pct(result.get('tuning_before'))}%. " if result.get("tuning_before") is not None else "")
+                                         + "Rule: the highest mean over the tuning seeds; settings within "
                                          f"{100 * study.tie_tolerance:g} points of the best are tied and the one listed "
                                          "first (the simpler) wins. Unfinished or failed settings show –.")))
     arms = result["arms"]
@@ -268,13 +271,37 @@ def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _setting_label(k: int, options: dict) -> str:
+    """g<k> and its options, one per line, a clip pair as `clip low/high` (tick labels stay narrow)."""
+    opts = dict(options)
+    lines = [f"g{k}"]
+    if "clip_low" in opts and "clip_high" in opts:
+        lines.append(f"clip {opts.pop('clip_low'):g}/{opts.pop('clip_high'):g}")
+    lines += [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in opts.items()]
+    return "\n".join(lines)
+
+
+def tuning_before(study: Study) -> float | None:
+    """Validation accuracy before training, the mean over the finished tuning runs (one model: one value)."""
+    values = []
+    for run in tuning_runs(study):
+        path = run.results(study) / "eval_before.json"
+        if run_status(study, run) == "done" and path.is_file():
+            values.append(float(_read_json(path)["accuracy"]))
+    return _mean(values)
+
+
 def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     arms = [(a, t) for a, t in result["tuning"].items() if any(s["mean"] is not None for s in t["settings"])]
     if not arms:
         return False
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms) + 0.6, 3.6), squeeze=False)
+    widths = [max(len(t["settings"]), 2) for _, t in arms]
+    # one y scale for every arm, so the levels compare across panels as well as within one
+    fig, axes = plt.subplots(1, len(arms), figsize=(1.25 * sum(widths) + 1.2, 3.8), squeeze=False, sharey=True,
+                             gridspec_kw={"width_ratios": widths})
+    before = result.get("tuning_before")
     for ax, (arm, t) in zip(axes[0], arms):
         for s in t["settings"]:
             xs = [s["setting"]] * len(s["scores"])
@@ -282,12 +309,18 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
             if s["mean"] is not None:
                 ax.plot([s["setting"]], [100 * s["mean"]], "D", ms=7,
                         color="tab:red" if t["selected"] == s["setting"] else "tab:blue")
+        if before is not None:
+            ax.axhline(100 * before, color="grey", lw=1, ls="--")
         ax.set_xticks([s["setting"] for s in t["settings"]],
-                      [_options_text(s["options"]).replace(", ", "\n") for s in t["settings"]], fontsize=7)
+                      [_setting_label(s["setting"], s["options"]) for s in t["settings"]], fontsize=7)
+        ax.set_xlim(-0.5, len(t["settings"]) - 0.5)
         ax.set_title(arm, fontsize=10)
-        ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("tuning: dots = seeds, diamond = mean (red: selected)", fontsize=9)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    title = "tuning: dots = seeds, diamond = mean (red: selected)"
+    if before is not None:
+        title += f"; dashed: before training ({100 * before:.1f}%)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -334,6 +367,8 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
         status += f" Failed: {', '.join(failed)}."
     shown = os.path.relpath(study.path) if study.path.is_relative_to(Path.cwd()) else str(study.path)
     regen = f"tepo study report {shown}"
+    # a relative path where there is one: the page is committed, a machine's absolute path is noise in it
+    shown_results = os.path.relpath(study.results_dir) if study.results_dir.is_relative_to(Path.cwd()) else str(study.results_dir)
     md = [f"## Study: {study.name}", "", study.description.strip(), "", status, "", f"Regenerate: `{regen}`", ""]
     md += [t.markdown() for _, t in tabs]
     (out / "summary.md").write_text("\n".join(md))
@@ -348,7 +383,7 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
 <body>
 <h1>tepo study: {esc(study.name)}</h1>
 <p class=meta>{esc(study.description.strip())}</p>
-<p class=meta>{esc(status)} Generated {esc(now)} from <code>{esc(str(study.results_dir))}</code>; regenerate with <code>{esc(regen)}</code>.</p>
+<p class=meta>{esc(status)} Generated {esc(now)} from <code>{esc(shown_results)}</code>; regenerate with <code>{esc(regen)}</code>.</p>
 <h2>Results</h2>
 {body}
 <h2>Plots</h2>
