@@ -104,6 +104,8 @@ def load_finals(study: Study) -> dict[str, list[FinalData]]:
 
 def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict[str, Any]:
     """Every number of the report, as plain data (summary.json)."""
+    if not study.results_dir.is_dir():
+        raise StudyError(f"{study.results_dir}: no results yet (run `tepo study run {study.path}` first)")
     selection = select_settings(study)
     finals = load_finals(study)
     arms = [a for a in study.arms if a in finals]
@@ -182,7 +184,14 @@ def tables(study: Study, result: dict[str, Any]):
     from tepo.analysis.report import Table
 
     conf = f"{100 * result['confidence']:g}%"
-    out = []
+    progress = result["progress"]
+    failed = {stage: [r["key"] for r in result["runs"] if r["status"] == "failed" and r["key"].startswith(stage + "/")]
+              for stage in ("tuning", "final")}
+    rows = [[stage, str(progress[f"{stage}_done"]), str(len(failed[stage])),
+             str(progress[f"{stage}_planned"] - progress[f"{stage}_done"] - len(failed[stage])), str(progress[f"{stage}_planned"])]
+            for stage in ("tuning", "final")]
+    out = [("progress", Table("Runs done", ["stage", "done", "failed", "to run", "planned"], rows,
+                              note=f"Failed: {', '.join(failed['tuning'] + failed['final'])}." if any(failed.values()) else ""))]
     rows = []
     for arm, tuning in result["tuning"].items():
         for s in tuning["settings"]:
@@ -248,6 +257,74 @@ def tables(study: Study, result: dict[str, Any]):
         out.append(("monitor", Table("Stability monitor: final runs with any verdict", ["arm", "runs flagged", "verdict kinds"],
                                      rows, text_last=True)))
     return out
+
+
+# the report's tables by key, and what each shows (for a README block whose table has no runs yet)
+TABLE_KEYS = {"progress": "runs done", "tuning": "tuning", "accuracy": "test accuracy per arm",
+              "pairs": "test accuracy differences", "target": "steps to the target",
+              "target_pairs": "steps-to-target differences", "entropy": "end-of-run entropy",
+              "entropy_pairs": "end-of-run entropy differences", "monitor": "stability monitor flags"}
+
+
+def _readme_block(key: str, table, regen: str) -> str:
+    """A table as a README shows it: a bold title (not a heading: the README keeps its own outline) and the command."""
+    if table is None:
+        return f"_{TABLE_KEYS[key].capitalize()}: no finished runs for it yet._"
+    body = table.markdown().split("\n", 2)[2].rstrip()
+    return f"**{table.title}**\n\n{body}\n\nRegenerate: `{regen}`"
+
+
+def readme_blocks(text: str, study_name: str, where: str) -> dict[str, tuple[int, int]]:
+    """The study's marked blocks in a Markdown text: table key -> (start, end) of the text between its markers.
+
+    A block is `<!-- study:NAME:KEY -->` ... `<!-- /study:NAME:KEY -->`, KEY one of TABLE_KEYS."""
+    import re
+
+    out: dict[str, tuple[int, int]] = {}
+    for m in re.finditer(r"<!-- study:([^:\s]+):(\S+) -->", text):
+        name, key = m.group(1), m.group(2)
+        if name != study_name:
+            continue
+        if key not in TABLE_KEYS:
+            raise StudyError(f"{where}: marker {m.group(0)} names no table of the study report "
+                             f"(tables: {', '.join(TABLE_KEYS)})")
+        end = text.find(f"<!-- /study:{name}:{key} -->", m.end())
+        if end < 0:
+            raise StudyError(f"{where}: marker {m.group(0)} is never closed (add <!-- /study:{name}:{key} -->)")
+        if key in out:
+            raise StudyError(f"{where}: table {key} of study {name} is marked twice")
+        out[key] = (m.end(), end)
+    return out
+
+
+def check_readme_marks(path: Path, study: Study) -> dict[str, tuple[int, int]]:
+    """The study's marked blocks of a Markdown file; StudyError if it is missing, has none or one is malformed."""
+    if not path.is_file():
+        raise StudyError(f"--readme {path}: no such file")
+    blocks = readme_blocks(path.read_text(), study.name, str(path))
+    if not blocks:
+        raise StudyError(f"{path}: no <!-- study:{study.name}:TABLE --> markers (tables: {', '.join(TABLE_KEYS)})")
+    return blocks
+
+
+def sync_readme(path: Path, study: Study, tabs, regen: str, *, check: bool = False) -> list[str]:
+    """Rewrite the study's marked tables in a Markdown file (README.md) from the report's tables.
+
+    Returns the keys whose block changed (with check=True: would change; nothing is written)."""
+    blocks = check_readme_marks(path, study)
+    text = path.read_text()
+    by_key = dict(tabs)
+    changed, pieces, last = [], [], 0
+    for key, (start, end) in sorted(blocks.items(), key=lambda kv: kv[1][0]):
+        block = "\n" + _readme_block(key, by_key.get(key), regen) + "\n"
+        if text[start:end] != block:
+            changed.append(key)
+        pieces += [text[last:start], block]
+        last = end
+    pieces.append(text[last:])
+    if changed and not check:
+        path.write_text("".join(pieces))
+    return changed
 
 
 def _plot_differences(result: dict[str, Any], path: Path) -> bool:
@@ -330,13 +407,31 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
 def build_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
                        replicates: int = DEFAULT_REPLICATES, seed: int = 0, smooth: int = 5) -> Path:
     """Write the report folder (default results/<study>/report); return index.html's path."""
+    return write_study_report(study, out_dir, confidence=confidence, replicates=replicates, seed=seed, smooth=smooth)[0]
+
+
+def _shown(path: Path) -> str:
+    """A path as a command line shows it: relative to the working directory where it lies below it."""
+    path = Path(path).absolute()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def study_regen_command(study: Study) -> str:
+    return f"tepo study report {_shown(study.path)}"
+
+
+def readme_regen_command(study: Study, readme: Path) -> str:
+    return f"{study_regen_command(study)} --readme {_shown(readme)}"
+
+
+def write_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
+                       replicates: int = DEFAULT_REPLICATES, seed: int = 0, smooth: int = 5):
+    """build_study_report, returning (index.html's path, the tables)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from tepo.analysis.report import CSS, CURVES, _colors, _plot_curves, _plot_heldout
 
-    if not study.results_dir.is_dir():
-        raise StudyError(f"{study.results_dir}: no results yet (run `tepo study run {study.path}` first)")
     result = compute(study, confidence=confidence, replicates=replicates, seed=seed)
     out = Path(out_dir) if out_dir else study.results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -365,11 +460,10 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     failed = [r["key"] for r in result["runs"] if r["status"] == "failed"]
     if failed:
         status += f" Failed: {', '.join(failed)}."
-    shown = os.path.relpath(study.path) if study.path.is_relative_to(Path.cwd()) else str(study.path)
-    regen = f"tepo study report {shown}"
+    regen = study_regen_command(study)
     # a relative path where there is one: the page is committed, a machine's absolute path is noise in it
-    shown_results = os.path.relpath(study.results_dir) if study.results_dir.is_relative_to(Path.cwd()) else str(study.results_dir)
-    md = [f"## Study: {study.name}", "", study.description.strip(), "", status, "", f"Regenerate: `{regen}`", ""]
+    shown_results = _shown(study.results_dir)
+    md = [f"## Study: {study.name}", "", study.description.strip(), "", f"Regenerate: `{regen}`", ""]
     md += [t.markdown() for _, t in tabs]
     (out / "summary.md").write_text("\n".join(md))
     esc = html.escape
@@ -390,4 +484,4 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
 {figs or "<p>No plots yet.</p>"}
 </body></html>
 """)
-    return index
+    return index, tabs
