@@ -140,7 +140,7 @@ FAKE_TRAIN = textwrap.dedent('''
              "clip_frac": 0.05, **({"heldout_accuracy": score * s / steps} if s % 2 == 0 else {})} for s in range(1, steps + 1)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
     (out / "run.json").write_text(json.dumps({"config": {"objective": opts.get("--objective"), "seed": seed}}))
-    (out / "eval_before.json").write_text(json.dumps({"accuracy": 0.0, "num_problems": int(opts["--heldout_num_problems"])}))
+    (out / "eval_before.json").write_text(json.dumps({"accuracy": score / 10, "num_problems": int(opts["--heldout_num_problems"])}))
     (out / "eval_after.json").write_text(json.dumps({"accuracy": score, "num_problems": int(opts["--heldout_num_problems"])}))
     n = int(opts["--test_num_problems"])
     if n:
@@ -185,10 +185,10 @@ def fake_study(tmp_path):
     calls = tmp_path / "calls.jsonl"
     env = dict(os.environ, FAKE_CALLS=str(calls), PYTHONPATH=str(ROOT / "src"))
 
-    def run(*args, extra_env=None):
+    def run(*args, extra_env=None, cwd=None):
         return subprocess.run([sys.executable, "-m", "tepo.cli", "study", *args, str(study), "--train_command",
                                f"{sys.executable} {fake}"], env={**env, **(extra_env or {})}, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=120, cwd=cwd)
 
     def trained():
         return [Path(json.loads(line)["out"]).relative_to(tmp_path / "runs").as_posix()
@@ -272,7 +272,7 @@ def test_study_refuses_a_finished_run_trained_otherwise(fake_study):
 def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
     study, run, trained, tmp = fake_study
     assert run("run").returncode == 0
-    report = run("report")
+    report = run("report", cwd=tmp)
     assert report.returncode == 0, report.stderr
     summary = json.loads((tmp / "results/report/summary.json").read_text())
     verdicts = {}
@@ -293,14 +293,133 @@ def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
     # end-of-run entropy: mean of the last 5 steps (all 4 here) of 1 - 0.1 s - 0.01 seed, over seeds 1 and 2
     assert summary["arms"]["grpo"]["end_entropy"]["estimate"] == pytest.approx(1.0 - 0.25 - 0.015, abs=1e-12)
     assert summary["arms"]["dapo"]["monitor_flagged"] == 1 and summary["arms"]["grpo"]["monitor_flagged"] == 0
+    # before training, over the finished tuning runs (dapo's three settings, fake eval_before = score / 10)
+    assert summary["tuning_before"] == pytest.approx((0.025 + 0.04 + 0.04) / 3, abs=1e-15)
     md = (tmp / "results/report/summary.md").read_text()
-    assert "selected" in md and "grpo - dapo" in md
+    assert "selected" in md and "grpo - dapo" in md and "Before training: 3.5%." in md
+    page = (tmp / "results/report/index.html").read_text()
+    # the page is committed: it names the results folder relative to where the report was made, not by a machine's path
+    assert "from <code>results</code>" in page and str(tmp) not in page
     # a tampered verdict file is caught
     path = tmp / "results/final/grpo-s1/eval_test.json"
     data = json.loads(path.read_text())
     data["verdicts"][0] = not data["verdicts"][0]
     path.write_text(json.dumps(data))
     assert "not the mean of its verdicts" in run("report").stderr
+
+
+README_WITH_MARKS = """# a project
+
+Text the report leaves alone.
+
+<!-- study:fake:tuning -->
+stale
+<!-- /study:fake:tuning -->
+
+More text.
+
+<!-- study:fake:pairs --><!-- /study:fake:pairs -->
+
+<!-- study:other:tuning -->another study's block<!-- /study:other:tuning -->
+"""
+
+
+def test_report_rewrites_the_readmes_marked_tables_and_check_catches_a_drifted_figure(fake_study):
+    study, run, trained, tmp = fake_study
+    readme = tmp / "README.md"
+    readme.write_text(README_WITH_MARKS)
+    early = run("report", "--readme", str(readme), "--check")
+    assert early.returncode == 2 and "no results yet" in early.stderr
+    assert run("run").returncode == 0
+    stale = run("report", "--readme", str(readme), "--check")
+    assert stale.returncode == 1 and "table(s) tuning, pairs" in stale.stderr
+    assert readme.read_text() == README_WITH_MARKS and not (tmp / "results/report").exists()  # a check writes nothing
+    done = run("report", "--readme", str(readme))
+    assert done.returncode == 0, done.stderr
+    assert "rewrote table(s) tuning, pairs" in done.stdout
+    text = readme.read_text()
+    md = (tmp / "results/report/summary.md").read_text()
+    for title in ("Tuning: validation accuracy at the last step (%), per setting",
+                  "Test accuracy differences (points), paired by problem"):
+        assert f"**{title}**" in text
+        # the README's rows are the report's rows, character for character
+        table = md.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0]
+        assert table.startswith("| ") and table in text
+    assert "Text the report leaves alone." in text and "More text." in text
+    assert "<!-- study:other:tuning -->another study's block<!-- /study:other:tuning -->" in text
+    assert "Test accuracy (%)" not in text  # only the marked tables
+    assert f"Regenerate: `tepo study report {study} --readme {readme}`" in text
+    ok = run("report", "--readme", str(readme), "--check")
+    assert ok.returncode == 0 and "match the results" in ok.stdout
+    # a figure edited by hand (or results that changed under the README) fails the check, by table name
+    readme.write_text(text.replace("| dapo | g1 |", "| dapo | g1 (best) |"))
+    bad = run("report", "--readme", str(readme), "--check")
+    assert bad.returncode == 1 and "table(s) tuning" in bad.stderr and "pairs" not in bad.stderr
+
+
+def test_study_run_keeps_the_readmes_tables_current_and_commits_them_with_each_run(fake_study):
+    study, run, trained, tmp = fake_study
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    readme = tmp / "README.md"
+    readme.write_text(README_WITH_MARKS)
+    git("add", "README.md")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "readme")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    out = run("run", "--readme", str(readme), "--commit", "--max_runs", "2", extra_env=env)
+    assert out.returncode == 1, out.stderr  # runs left: exit 1
+    text = readme.read_text()
+    assert "| dapo | g0 |" in text and "| s0: 25.0 |" in text and "| s0: 40.0 |" in text  # the two finished settings
+    # each run's commit carries the README as it stood after that run
+    for commit_msg, expect in (("tuning/dapo/g0-s0", "s0: 25.0"), ("tuning/dapo/g1-s0", "s0: 40.0")):
+        sha = git("log", "--format=%H", f"--grep={commit_msg}").split()[0]
+        files = git("show", "--name-only", "--format=", sha).split()
+        assert "README.md" in files and f"results/{commit_msg}/DONE.json" in files
+        assert expect in git("show", f"{sha}:README.md")
+    assert git("status", "--porcelain", "README.md") == ""
+    ok = run("report", "--readme", str(readme), "--check")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_study_run_refuses_a_malformed_readme_before_training(fake_study):
+    study, run, trained, tmp = fake_study
+    readme = tmp / "README.md"
+    readme.write_text("<!-- study:fake:tuning -->\n")
+    out = run("run", "--readme", str(readme))
+    assert out.returncode == 2 and "never closed" in out.stderr and trained() == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<!-- study:fake:tuning -->\n", "never closed"),
+    ("<!-- study:fake:nonsense --><!-- /study:fake:nonsense -->", "names no table"),
+    ("<!-- study:fake:tuning --><!-- /study:fake:tuning --><!-- study:fake:tuning --><!-- /study:fake:tuning -->",
+     "marked twice"),
+    ("no markers", "no <!-- study:fake:TABLE --> markers"),
+])
+def test_readme_marker_errors_name_the_file_and_marker(fake_study, text, message):
+    study, run, trained, tmp = fake_study
+    readme = tmp / "README.md"
+    readme.write_text(text)
+    assert run("run", "--max_runs", "1").returncode in (0, 1)
+    out = run("report", "--readme", str(readme))
+    assert out.returncode == 2 and message in out.stderr and str(readme) in out.stderr
+    assert readme.read_text() == text
+
+
+def test_the_readmes_study_tables_match_the_committed_results():
+    """The README's study tables are the committed results' tables: no figure there is typed by hand."""
+    readme = ROOT / "README.md"
+    if "<!-- study:" not in readme.read_text():
+        pytest.skip("the README marks no study tables")
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        name = load_study(path).name
+        if f"<!-- study:{name}:" not in readme.read_text():
+            continue
+        out = subprocess.run([sys.executable, "-m", "tepo.cli", "study", "report", str(path.relative_to(ROOT)),
+                              "--readme", "README.md", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        assert out.returncode == 0, out.stderr + out.stdout
 
 
 @pytest.mark.parametrize("edit, message", [

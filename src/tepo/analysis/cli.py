@@ -82,7 +82,7 @@ def compare_main(argv: list[str]) -> int:
     try:
         state = run_comparison(plan, args.output_dir, train_args, fail_fast=args.fail_fast, cpu_lock=args.cpu_lock,
                                allow_setup_change=args.allow_setup_change, resume=args.resume,
-                               retry_failed=args.retry_failed, settings=settings)
+                               retry_failed=args.retry_failed, readme=Path(args.readme) if args.readme else None, settings=settings)
     except ValueError as err:
         print(f"tepo compare: {err}", file=sys.stderr)
         return 2
@@ -147,6 +147,8 @@ tepo study run FILE      train every run the study still lacks (tuning first, th
                          one at a time; a rerun skips finished runs and resumes an interrupted one
 tepo study report FILE   tables and plots from results/<study>/ alone (seconds): report/index.html
 tepo study plan FILE     every run with its status and tepo train arguments
+--readme README.md       (report, run) rewrite the study's marked tables in README.md; with report
+                         --check, only say whether they match the results
 See docs/study.md for the study file, the selection rule and the bootstrap.
 """
 
@@ -170,23 +172,47 @@ def study_main(argv: list[str]) -> int:
     parser.add_argument("--out", help="report: folder (default results/<name>/report)")
     parser.add_argument("--confidence", type=float, default=0.95, help="report: interval level (default 0.95)")
     parser.add_argument("--replicates", type=int, default=10000, help="report: bootstrap replicates (default 10000)")
+    parser.add_argument("--readme", help="report, run (after each run): also rewrite the study's marked tables in this "
+                                          "Markdown file (<!-- study:NAME:TABLE --> ... <!-- /study:NAME:TABLE -->)")
+    parser.add_argument("--check", action="store_true",
+                        help="report --readme: write nothing; exit 1 naming each marked table that differs from the results")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.file, results_dir=args.results_dir, runs_dir=args.runs_dir)
+        if args.check and not (args.readme and args.action == "report"):
+            raise StudyError("--check goes with `report --readme FILE` (the Markdown file whose tables it checks)")
+        if args.readme:  # malformed markers are found now, not after hours of training
+            from tepo.analysis.study_report import check_readme_marks
+
+            check_readme_marks(Path(args.readme), study)
         if args.action == "plan":
             print("\n".join(plan_lines(study)))
             return 0
         if args.action == "report":
-            from tepo.analysis.study_report import build_study_report
+            from tepo.analysis.study_report import compute, readme_regen_command, sync_readme, tables, write_study_report
 
-            index = build_study_report(study, args.out, confidence=args.confidence, replicates=args.replicates)
-            print(f"tepo study report: wrote {index} and {index.parent / 'summary.md'}")
+            if args.check:  # the tables alone, from the stored files; nothing written
+                tabs = tables(study, compute(study, confidence=args.confidence, replicates=args.replicates))
+            else:
+                index, tabs = write_study_report(study, args.out, confidence=args.confidence, replicates=args.replicates)
+                print(f"tepo study report: wrote {index} and {index.parent / 'summary.md'}")
+            if args.readme:
+                regen = readme_regen_command(study, Path(args.readme))
+                changed = sync_readme(Path(args.readme), study, tabs, regen, check=args.check)
+                if args.check:
+                    if changed:
+                        print(f"tepo study report: {args.readme} differs from the results in table(s) {', '.join(changed)} "
+                              f"(rewrite them with `{regen}`)", file=sys.stderr)
+                        return 1
+                    print(f"tepo study report: {args.readme}'s tables of study {study.name} match the results")
+                else:
+                    print(f"tepo study report: {args.readme}: " + (f"rewrote table(s) {', '.join(changed)}" if changed else "its tables were up to date"))
             return 0
         if args.max_runs is not None and args.max_runs < 1:
             raise StudyError(f"--max_runs must be >= 1, got {args.max_runs}")
         summary = run_study(study, cpu_lock=args.cpu_lock, commit=args.commit, max_runs=args.max_runs,
                             time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
-                            retry_failed=args.retry_failed,
+                            retry_failed=args.retry_failed, readme=Path(args.readme) if args.readme else None,
                             train_command=shlex.split(args.train_command) if args.train_command else None)
     except StudyError as err:
         print(f"tepo study: {err}", file=sys.stderr)

@@ -479,10 +479,12 @@ def train_one(study: Study, run: StudyRun, *, runner: Runner, train_command: Seq
 
 def run_study(study: Study, *, runner: Runner | None = None, train_command: Sequence[str] | None = None,
               cpu_lock: str | None = None, retry_failed: bool = False, max_runs: int | None = None,
-              time_limit_s: float | None = None, commit: bool = False,
+              time_limit_s: float | None = None, commit: bool = False, readme: Path | None = None,
               echo: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, int]:
     """Train what is missing: tuning runs first, then the final runs of every arm whose selection is
     known. Stops after `max_runs` runs or once `time_limit_s` has passed (no new run starts then).
+    With `readme`, the study's marked tables in that Markdown file are rewritten after each run (and
+    committed with it), so the file never lags the results.
     Returns counts: done, failed, todo (still to train), trained (this call)."""
     runner = runner or subprocess_runner
     command = list(train_command) if train_command is not None else default_train_command()
@@ -526,8 +528,11 @@ def run_study(study: Study, *, runner: Runner | None = None, train_command: Sequ
                 status = train_one(study, run, runner=runner, train_command=command, cpu_lock=cpu_lock, echo=echo,
                                    prefix=f"[{stage} {index}/{len(todo)}]")
                 trained += 1
+                written = [run.results(study)]
+                if readme is not None and _sync_readme(study, readme, echo):
+                    written.append(readme)
                 if commit:
-                    _git_commit([run.results(study)], f"study {study.name}: {run.key} {status}", echo)
+                    _git_commit(written, f"study {study.name}: {run.key} {status}", echo)
     except KeyboardInterrupt:
         echo(f"tepo study {study.name}: interrupted; rerun the same command to carry on (the interrupted run resumes "
              "from its last checkpoint)")
@@ -539,6 +544,20 @@ def run_study(study: Study, *, runner: Runner | None = None, train_command: Sequ
     echo(f"tepo study {study.name}: {summary['done']} runs done, {summary['failed']} failed, {summary['todo']} to train; "
          f"report with: tepo study report {study.path}")
     return summary
+
+
+def _sync_readme(study: Study, readme: Path, echo: Callable[[str], None]) -> bool:
+    """Rewrite the README's marked tables of this study from the results; True if it changed. Warns, never fails."""
+    from tepo.analysis.study_report import compute, readme_regen_command, sync_readme, tables
+
+    try:
+        changed = sync_readme(readme, study, tables(study, compute(study)), readme_regen_command(study, readme))
+    except (OSError, StudyError) as err:
+        echo(f"tepo study: could not update {readme}'s tables: {err}")
+        return False
+    if changed:
+        echo(f"tepo study {study.name}: {readme}: rewrote table(s) {', '.join(changed)}")
+    return bool(changed)
 
 
 def threading_main() -> bool:

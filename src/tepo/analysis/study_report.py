@@ -30,6 +30,7 @@ from tepo.analysis.study import (
     all_runs,
     run_status,
     select_settings,
+    tuning_runs,
 )
 
 ENTROPY_LAST_STEPS = 5  # end-of-run entropy: mean of entropy_mean over the last 5 logged steps
@@ -103,6 +104,8 @@ def load_finals(study: Study) -> dict[str, list[FinalData]]:
 
 def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> dict[str, Any]:
     """Every number of the report, as plain data (summary.json)."""
+    if not study.results_dir.is_dir():
+        raise StudyError(f"{study.results_dir}: no results yet (run `tepo study run {study.path}` first)")
     selection = select_settings(study)
     finals = load_finals(study)
     arms = [a for a in study.arms if a in finals]
@@ -140,6 +143,7 @@ def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT
                 "monitor_flagged": sum(bool(monitor_kinds(f.data)) for f in fs),
             }
         result["pairs"] = {"test_accuracy": _pairs(accuracy), "steps_to_target": _pairs(steps), "end_entropy": _pairs(entropy)}
+    result["tuning_before"] = tuning_before(study)
     result["runs"] = [{"key": r.key, "status": run_status(study, r)} for r in all_runs(study)]
     planned_final = len(study.arms) * len(study.final_seeds)
     result["progress"] = {"final_done": sum(len(v) for v in finals.values()), "final_planned": planned_final,
@@ -180,7 +184,14 @@ def tables(study: Study, result: dict[str, Any]):
     from tepo.analysis.report import Table
 
     conf = f"{100 * result['confidence']:g}%"
-    out = []
+    progress = result["progress"]
+    failed = {stage: [r["key"] for r in result["runs"] if r["status"] == "failed" and r["key"].startswith(stage + "/")]
+              for stage in ("tuning", "final")}
+    rows = [[stage, str(progress[f"{stage}_done"]), str(len(failed[stage])),
+             str(progress[f"{stage}_planned"] - progress[f"{stage}_done"] - len(failed[stage])), str(progress[f"{stage}_planned"])]
+            for stage in ("tuning", "final")]
+    out = [("progress", Table("Runs done", ["stage", "done", "failed", "to run", "planned"], rows,
+                              note=f"Failed: {', '.join(failed['tuning'] + failed['final'])}." if any(failed.values()) else ""))]
     rows = []
     for arm, tuning in result["tuning"].items():
         for s in tuning["settings"]:
@@ -188,9 +199,10 @@ def tables(study: Study, result: dict[str, Any]):
             rows.append([arm, f"g{s['setting']}", _options_text(s["options"]), scores or "–", _pct(s["mean"]),
                          "selected" if tuning["selected"] == s["setting"] else ""])
     if rows:
-        out.append(("tuning", Table("Tuning: validation accuracy at the last step (%), per setting", 
+        out.append(("tuning", Table("Tuning: validation accuracy at the last step (%), per setting",
                                     ["arm", "setting", "options", "per seed", "mean", ""], rows, align_left=4, text_last=True,
-                                    note="Rule: the highest mean over the tuning seeds; settings within "
+                                    note=(f"Before training: {_pct(result.get('tuning_before'))}%. " if result.get("tuning_before") is not None else "")
+                                         + "Rule: the highest mean over the tuning seeds; settings within "
                                          f"{100 * study.tie_tolerance:g} points of the best are tied and the one listed "
                                          "first (the simpler) wins. Unfinished or failed settings show –.")))
     arms = result["arms"]
@@ -247,6 +259,74 @@ def tables(study: Study, result: dict[str, Any]):
     return out
 
 
+# the report's tables by key, and what each shows (for a README block whose table has no runs yet)
+TABLE_KEYS = {"progress": "runs done", "tuning": "tuning", "accuracy": "test accuracy per arm",
+              "pairs": "test accuracy differences", "target": "steps to the target",
+              "target_pairs": "steps-to-target differences", "entropy": "end-of-run entropy",
+              "entropy_pairs": "end-of-run entropy differences", "monitor": "stability monitor flags"}
+
+
+def _readme_block(key: str, table, regen: str) -> str:
+    """A table as a README shows it: a bold title (not a heading: the README keeps its own outline) and the command."""
+    if table is None:
+        return f"_{TABLE_KEYS[key].capitalize()}: no finished runs for it yet._"
+    body = table.markdown().split("\n", 2)[2].rstrip()
+    return f"**{table.title}**\n\n{body}\n\nRegenerate: `{regen}`"
+
+
+def readme_blocks(text: str, study_name: str, where: str) -> dict[str, tuple[int, int]]:
+    """The study's marked blocks in a Markdown text: table key -> (start, end) of the text between its markers.
+
+    A block is `<!-- study:NAME:KEY -->` ... `<!-- /study:NAME:KEY -->`, KEY one of TABLE_KEYS."""
+    import re
+
+    out: dict[str, tuple[int, int]] = {}
+    for m in re.finditer(r"<!-- study:([^:\s]+):(\S+) -->", text):
+        name, key = m.group(1), m.group(2)
+        if name != study_name:
+            continue
+        if key not in TABLE_KEYS:
+            raise StudyError(f"{where}: marker {m.group(0)} names no table of the study report "
+                             f"(tables: {', '.join(TABLE_KEYS)})")
+        end = text.find(f"<!-- /study:{name}:{key} -->", m.end())
+        if end < 0:
+            raise StudyError(f"{where}: marker {m.group(0)} is never closed (add <!-- /study:{name}:{key} -->)")
+        if key in out:
+            raise StudyError(f"{where}: table {key} of study {name} is marked twice")
+        out[key] = (m.end(), end)
+    return out
+
+
+def check_readme_marks(path: Path, study: Study) -> dict[str, tuple[int, int]]:
+    """The study's marked blocks of a Markdown file; StudyError if it is missing, has none or one is malformed."""
+    if not path.is_file():
+        raise StudyError(f"--readme {path}: no such file")
+    blocks = readme_blocks(path.read_text(), study.name, str(path))
+    if not blocks:
+        raise StudyError(f"{path}: no <!-- study:{study.name}:TABLE --> markers (tables: {', '.join(TABLE_KEYS)})")
+    return blocks
+
+
+def sync_readme(path: Path, study: Study, tabs, regen: str, *, check: bool = False) -> list[str]:
+    """Rewrite the study's marked tables in a Markdown file (README.md) from the report's tables.
+
+    Returns the keys whose block changed (with check=True: would change; nothing is written)."""
+    blocks = check_readme_marks(path, study)
+    text = path.read_text()
+    by_key = dict(tabs)
+    changed, pieces, last = [], [], 0
+    for key, (start, end) in sorted(blocks.items(), key=lambda kv: kv[1][0]):
+        block = "\n" + _readme_block(key, by_key.get(key), regen) + "\n"
+        if text[start:end] != block:
+            changed.append(key)
+        pieces += [text[last:start], block]
+        last = end
+    pieces.append(text[last:])
+    if changed and not check:
+        path.write_text("".join(pieces))
+    return changed
+
+
 def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -268,13 +348,37 @@ def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _setting_label(k: int, options: dict) -> str:
+    """g<k> and its options, one per line, a clip pair as `clip low/high` (tick labels stay narrow)."""
+    opts = dict(options)
+    lines = [f"g{k}"]
+    if "clip_low" in opts and "clip_high" in opts:
+        lines.append(f"clip {opts.pop('clip_low'):g}/{opts.pop('clip_high'):g}")
+    lines += [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in opts.items()]
+    return "\n".join(lines)
+
+
+def tuning_before(study: Study) -> float | None:
+    """Validation accuracy before training, the mean over the finished tuning runs (one model: one value)."""
+    values = []
+    for run in tuning_runs(study):
+        path = run.results(study) / "eval_before.json"
+        if run_status(study, run) == "done" and path.is_file():
+            values.append(float(_read_json(path)["accuracy"]))
+    return _mean(values)
+
+
 def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     arms = [(a, t) for a, t in result["tuning"].items() if any(s["mean"] is not None for s in t["settings"])]
     if not arms:
         return False
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms) + 0.6, 3.6), squeeze=False)
+    widths = [max(len(t["settings"]), 2) for _, t in arms]
+    # one y scale for every arm, so the levels compare across panels as well as within one
+    fig, axes = plt.subplots(1, len(arms), figsize=(1.25 * sum(widths) + 1.2, 3.8), squeeze=False, sharey=True,
+                             gridspec_kw={"width_ratios": widths})
+    before = result.get("tuning_before")
     for ax, (arm, t) in zip(axes[0], arms):
         for s in t["settings"]:
             xs = [s["setting"]] * len(s["scores"])
@@ -282,12 +386,18 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
             if s["mean"] is not None:
                 ax.plot([s["setting"]], [100 * s["mean"]], "D", ms=7,
                         color="tab:red" if t["selected"] == s["setting"] else "tab:blue")
+        if before is not None:
+            ax.axhline(100 * before, color="grey", lw=1, ls="--")
         ax.set_xticks([s["setting"] for s in t["settings"]],
-                      [_options_text(s["options"]).replace(", ", "\n") for s in t["settings"]], fontsize=7)
+                      [_setting_label(s["setting"], s["options"]) for s in t["settings"]], fontsize=7)
+        ax.set_xlim(-0.5, len(t["settings"]) - 0.5)
         ax.set_title(arm, fontsize=10)
-        ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("tuning: dots = seeds, diamond = mean (red: selected)", fontsize=9)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    title = "tuning: dots = seeds, diamond = mean (red: selected)"
+    if before is not None:
+        title += f"; dashed: before training ({100 * before:.1f}%)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -297,13 +407,31 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
 def build_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
                        replicates: int = DEFAULT_REPLICATES, seed: int = 0, smooth: int = 5) -> Path:
     """Write the report folder (default results/<study>/report); return index.html's path."""
+    return write_study_report(study, out_dir, confidence=confidence, replicates=replicates, seed=seed, smooth=smooth)[0]
+
+
+def _shown(path: Path) -> str:
+    """A path as a command line shows it: relative to the working directory where it lies below it."""
+    path = Path(path).absolute()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def study_regen_command(study: Study) -> str:
+    return f"tepo study report {_shown(study.path)}"
+
+
+def readme_regen_command(study: Study, readme: Path) -> str:
+    return f"{study_regen_command(study)} --readme {_shown(readme)}"
+
+
+def write_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
+                       replicates: int = DEFAULT_REPLICATES, seed: int = 0, smooth: int = 5):
+    """build_study_report, returning (index.html's path, the tables)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from tepo.analysis.report import CSS, CURVES, _colors, _plot_curves, _plot_heldout
 
-    if not study.results_dir.is_dir():
-        raise StudyError(f"{study.results_dir}: no results yet (run `tepo study run {study.path}` first)")
     result = compute(study, confidence=confidence, replicates=replicates, seed=seed)
     out = Path(out_dir) if out_dir else study.results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -332,9 +460,10 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     failed = [r["key"] for r in result["runs"] if r["status"] == "failed"]
     if failed:
         status += f" Failed: {', '.join(failed)}."
-    shown = os.path.relpath(study.path) if study.path.is_relative_to(Path.cwd()) else str(study.path)
-    regen = f"tepo study report {shown}"
-    md = [f"## Study: {study.name}", "", study.description.strip(), "", status, "", f"Regenerate: `{regen}`", ""]
+    regen = study_regen_command(study)
+    # a relative path where there is one: the page is committed, a machine's absolute path is noise in it
+    shown_results = _shown(study.results_dir)
+    md = [f"## Study: {study.name}", "", study.description.strip(), "", f"Regenerate: `{regen}`", ""]
     md += [t.markdown() for _, t in tabs]
     (out / "summary.md").write_text("\n".join(md))
     esc = html.escape
@@ -348,11 +477,11 @@ def build_study_report(study: Study, out_dir: str | None = None, *, confidence: 
 <body>
 <h1>tepo study: {esc(study.name)}</h1>
 <p class=meta>{esc(study.description.strip())}</p>
-<p class=meta>{esc(status)} Generated {esc(now)} from <code>{esc(str(study.results_dir))}</code>; regenerate with <code>{esc(regen)}</code>.</p>
+<p class=meta>{esc(status)} Generated {esc(now)} from <code>{esc(shown_results)}</code>; regenerate with <code>{esc(regen)}</code>.</p>
 <h2>Results</h2>
 {body}
 <h2>Plots</h2>
 {figs or "<p>No plots yet.</p>"}
 </body></html>
 """)
-    return index
+    return index, tabs
