@@ -82,7 +82,7 @@ def compare_main(argv: list[str]) -> int:
     try:
         state = run_comparison(plan, args.output_dir, train_args, fail_fast=args.fail_fast, cpu_lock=args.cpu_lock,
                                allow_setup_change=args.allow_setup_change, resume=args.resume,
-                               retry_failed=args.retry_failed, readme=Path(args.readme) if args.readme else None, settings=settings)
+                               retry_failed=args.retry_failed, settings=settings)
     except ValueError as err:
         print(f"tepo compare: {err}", file=sys.stderr)
         return 2

@@ -461,7 +461,7 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     if failed:
         status += f" Failed: {', '.join(failed)}."
     regen = study_regen_command(study)
-    # a relative path where there is one: the page is committed, a machine's absolute path is noise in it
+    # a relative path where there is one: a committed page should not name one machine's folders
     shown_results = _shown(study.results_dir)
     md = [f"## Study: {study.name}", "", study.description.strip(), "", f"Regenerate: `{regen}`", ""]
     md += [t.markdown() for _, t in tabs]
