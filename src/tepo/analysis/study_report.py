@@ -84,6 +84,16 @@ def monitor_kinds(data: RunData) -> list[str]:
     return [str(v.get("kind")) for v in verdicts]
 
 
+def tuning_before(study: Study) -> float | None:
+    """Validation accuracy before training, the mean over the finished tuning runs (one model: one value)."""
+    values = []
+    for run in tuning_runs(study):
+        path = run.results(study) / "eval_before.json"
+        if run_status(study, run) == "done" and path.is_file():
+            values.append(float(_read_json(path)["accuracy"]))
+    return _mean(values)
+
+
 def load_finals(study: Study) -> dict[str, list[FinalData]]:
     """arm -> its finished final runs, by seed; every run must be tested on the same problems."""
     out: dict[str, list[FinalData]] = {}
@@ -356,16 +366,6 @@ def _setting_label(k: int, options: dict) -> str:
         lines.append(f"clip {opts.pop('clip_low'):g}/{opts.pop('clip_high'):g}")
     lines += [f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in opts.items()]
     return "\n".join(lines)
-
-
-def tuning_before(study: Study) -> float | None:
-    """Validation accuracy before training, the mean over the finished tuning runs (one model: one value)."""
-    values = []
-    for run in tuning_runs(study):
-        path = run.results(study) / "eval_before.json"
-        if run_status(study, run) == "done" and path.is_file():
-            values.append(float(_read_json(path)["accuracy"]))
-    return _mean(values)
 
 
 def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
