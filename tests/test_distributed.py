@@ -36,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tiny_llm, also when
 import tepo.training.cli as _cli_module  # noqa: E402
 from tepo.objectives import policy_loss  # noqa: E402
 from tepo.training.distributed import (  # noqa: E402
+    end_process_group_run,
     loss_mask,
     optimizer_step_window,
+    process_group_size,
     shutdown_distributed,
     sum_across_processes,
     token_mean_rescale,
@@ -238,8 +240,6 @@ class _FakeProcessGroup:
 def test_end_process_group_run_lets_exit_handlers_close_first_then_leaves_without_teardown(
         monkeypatch, world_size, handler_closes_group, expected):
     import atexit
-
-    from tepo.training.distributed import end_process_group_run
 
     calls: list = []
     group = _FakeProcessGroup(world_size, calls)
@@ -741,9 +741,6 @@ def worker_main(argv: list[str] | None = None) -> int:
             run = run_scripted(out / f"run-{vid}", objective=objective, hparams=hp, per_device=2, grad_accum=2,
                                steps_per_generation=2, max_steps=2)
             torch.save(run, out / f"{vid}-rank{rank}.pt")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    shutdown_distributed()
     return 0
 
 
@@ -840,4 +837,10 @@ def test_tepo_train_two_processes_cli(tmp_path, engine):
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    # ended as `tepo train` ends a run with a process group: closed by hand and then left to the
+    # interpreter's teardown, a gloo worker aborted in CI after its records were written
+    # ("terminate called without an active exception", exit -6) and the launch failed
+    code = worker_main()
+    if process_group_size():
+        end_process_group_run(code)
+    sys.exit(code)
