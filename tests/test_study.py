@@ -107,6 +107,11 @@ def test_identical_arms_differ_by_exactly_zero_and_seed_bootstrap_matches():
     assert (s.arms["x"].low, s.arms["x"].high) == (10.0, 10.0)
     assert s.pairs[("x", "y")].estimate == 4.0
     assert set(np.unique(np.round(s.replicates["y"], 12))) <= {4.0, 6.0, 8.0}
+    # one seed: nothing to resample, so no interval (not a zero-width one), for it and its pairs
+    s = seed_bootstrap({"one": np.array([3.0]), "y": np.array([4.0, 8.0])}, replicates=200, seed=0)
+    assert (s.arms["one"].low, s.arms["one"].high) == (None, None) and s.arms["one"].estimate == 3.0
+    assert (s.pairs[("one", "y")].low, s.pairs[("one", "y")].high) == (None, None)
+    assert s.pairs[("one", "y")].estimate == -3.0 and s.arms["y"].low == 4.0 and s.arms["y"].high == 8.0
     with pytest.raises(ValueError, match="different numbers of problems"):
         paired_bootstrap({"a": np.ones((2, 3)), "b": np.ones((2, 4))})
 

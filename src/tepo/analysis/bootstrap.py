@@ -13,7 +13,8 @@ the same problems in the same order. One bootstrap replicate:
 The arm's interval is the (alpha/2, 1 - alpha/2) percentile interval of its replicates; the
 difference A - B of two arms takes the same percentiles of the replicate differences. Quantities
 measured once per run (steps-to-target, end-of-run entropy) have no problem axis:
-`seed_bootstrap` resamples only the seeds within each arm (step 2).
+`seed_bootstrap` resamples only the seeds within each arm (step 2); with one seed there is nothing
+to resample, so an arm of one seed, and each pair with it, has no interval (low = high = None).
 
 Resampling is by multinomial counts (the same as drawing indices), so a replicate is
 `u_b @ V @ w_b / (S P)` with u_b, w_b the seed and problem counts of replicate b.
@@ -35,8 +36,8 @@ DEFAULT_SEED = 0
 @dataclass
 class Interval:
     estimate: float
-    low: float
-    high: float
+    low: float | None  # None: no interval (one seed, where only seeds are resampled)
+    high: float | None
     n: int  # seeds (arm) or the smaller arm's seeds (difference)
 
     def to_dict(self) -> dict[str, float]:
@@ -122,11 +123,17 @@ def paired_bootstrap(verdicts: Mapping[str, np.ndarray], *, confidence: float = 
 def seed_bootstrap(values: Mapping[str, np.ndarray], *, confidence: float = 0.95,
                    replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED) -> BootstrapResult:
     """The same for one number per run (arm -> (seeds,)): resample seeds within each arm. Arms
-    with no finite value are left out."""
+    with no finite value are left out. An arm with one value, and each pair with it, gets no
+    interval (None): resampling one seed gives it back every time, an interval of zero width that
+    would claim a precision one run does not have."""
     _check(confidence, replicates)
     vecs = {a: np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64) for a, v in values.items()}
     vecs = {a: v for a, v in vecs.items() if v.size}
     rng = np.random.default_rng(seed)
     reps = {a: _counts(rng, v.size, replicates) @ v / v.size for a, v in vecs.items()}
     observed = {a: float(v.mean()) for a, v in vecs.items()}
-    return _summarise(observed, reps, {a: int(v.size) for a, v in vecs.items()}, confidence, replicates, seed)
+    result = _summarise(observed, reps, {a: int(v.size) for a, v in vecs.items()}, confidence, replicates, seed)
+    for interval in [*result.arms.values(), *result.pairs.values()]:
+        if interval.n < 2:
+            interval.low = interval.high = None
+    return result

@@ -247,7 +247,7 @@ def tables(study: Study, result: dict[str, Any]):
         out.append(("target", Table(f"Steps to {100 * study.target:g}% validation accuracy",
                                     ["arm", "reached", "mean steps", f"{conf} interval", "per seed"], rows, text_last=True,
                                     note="A run that never reached the target counts as its last evaluated step plus one "
-                                         "evaluation interval (marked +): a lower bound. Interval: bootstrap over seeds.")))
+                                         "evaluation interval (marked +): a lower bound. Interval: bootstrap over seeds (– with one seed).")))
         if pairs.get("steps_to_target"):
             rows = [[f"{p['a']} - {p['b']}", f"{p['estimate']:+.1f}", _interval(p, 1.0)] for p in pairs["steps_to_target"]]
             out.append(("target_pairs", Table("Steps-to-target differences", ["pair", "difference (steps)", f"{conf} interval"], rows)))
@@ -256,7 +256,8 @@ def tables(study: Study, result: dict[str, Any]):
             e = a["end_entropy"] or {}
             rows.append([arm, f"{e.get('estimate', math.nan):.3f}" if e else "–", _interval(e, 1.0, 3)])
         out.append(("entropy", Table(f"End-of-run token entropy (mean of the last {ENTROPY_LAST_STEPS} steps, nats)",
-                                     ["arm", "mean over seeds", f"{conf} interval"], rows)))
+                                     ["arm", "mean over seeds", f"{conf} interval"], rows,
+                                     note="Interval: bootstrap over seeds (– with one seed).")))
         if pairs.get("end_entropy"):
             rows = [[f"{p['a']} - {p['b']}", f"{p['estimate']:+.3f}", _interval(p, 1.0, 3)] for p in pairs["end_entropy"]]
             out.append(("entropy_pairs", Table("End-of-run entropy differences", ["pair", "difference (nats)", f"{conf} interval"], rows)))
