@@ -116,6 +116,17 @@ def test_identical_arms_differ_by_exactly_zero_and_seed_bootstrap_matches():
         paired_bootstrap({"a": np.ones((2, 3)), "b": np.ones((2, 4))})
 
 
+def test_a_difference_is_read_as_excluding_zero_only_with_seeds_on_both_sides():
+    from tepo.analysis.study_report import excludes_zero
+
+    # one seed each: the interval is problems only, however far from 0
+    one = paired_bootstrap({"a": np.ones((1, 40)), "b": np.zeros((1, 40))}, replicates=200).to_dict()["pairs"][0]
+    assert (one["low"], one["n"]) == (1.0, 1) and excludes_zero(one) == "–"
+    two = paired_bootstrap({"a": np.ones((2, 40)), "b": np.zeros((2, 40))}, replicates=200).to_dict()["pairs"][0]
+    assert excludes_zero(two) == "yes" and excludes_zero({**two, "low": -0.1}) == "no"
+    assert excludes_zero({**two, "low": -0.3, "high": -0.1}) == "yes"
+
+
 def test_paired_bootstrap_same_seed_same_answer():
     v = {"a": np.eye(3), "b": np.ones((2, 3))}
     assert paired_bootstrap(v, seed=4).to_dict() == paired_bootstrap(v, seed=4).to_dict()

@@ -186,6 +186,14 @@ def _interval(d: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"[{scale * d['low']:.{digits}f}, {scale * d['high']:.{digits}f}]"
 
 
+def excludes_zero(pair: dict) -> str:
+    """Whether a difference's interval excludes 0: "yes" / "no", or "–" when an arm has one seed
+    (its interval leaves out the seed-to-seed spread, which one run cannot show)."""
+    if pair.get("n", 0) < 2:
+        return "–"
+    return "yes" if pair["low"] > 0 or pair["high"] < 0 else "no"
+
+
 def _signed(x: float, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * x:+.{digits}f}" if math.isfinite(x) else "–"
 
@@ -231,11 +239,13 @@ def tables(study: Study, result: dict[str, Any]):
                                            f"({result['replicates']} replicates, percentile).")))
     pairs = result.get("pairs", {})
     if pairs.get("test_accuracy"):
-        rows = [[f"{p['a']} - {p['b']}", _signed(p["estimate"]), _interval(p),
-                 "yes" if p["low"] > 0 or p["high"] < 0 else "no"] for p in pairs["test_accuracy"]]
+        rows = [[f"{p['a']} - {p['b']}", _signed(p["estimate"]), _interval(p), excludes_zero(p)]
+                for p in pairs["test_accuracy"]]
         out.append(("pairs", Table("Test accuracy differences (points), paired by problem",
                                    ["pair", "difference", f"{conf} interval", "interval excludes 0"], rows, text_last=True,
-                                   note="Paired bootstrap: problems resampled jointly for both arms, seeds within each arm.")))
+                                   note="Paired bootstrap: problems resampled jointly for both arms, seeds within each arm. "
+                                        "Where an arm has one seed the interval holds problem noise only, not the spread "
+                                        "between seeds, so it is not read as excluding 0 (–).")))
     if arms:
         rows = []
         for arm, a in arms.items():
