@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tepo.analysis.bootstrap import paired_bootstrap, seed_bootstrap
+from tepo.analysis.bootstrap import paired_bootstrap, seed_bootstrap, seed_matched_bootstrap
 from tepo.analysis.study import StudyError, load_study, select_settings
 from tepo.tasks import check_disjoint, make_problems
 from tepo.tasks.arithmetic import split_of
@@ -125,6 +125,38 @@ def test_a_difference_is_read_as_excluding_zero_only_with_seeds_on_both_sides():
     two = paired_bootstrap({"a": np.ones((2, 40)), "b": np.zeros((2, 40))}, replicates=200).to_dict()["pairs"][0]
     assert excludes_zero(two) == "yes" and excludes_zero({**two, "low": -0.1}) == "no"
     assert excludes_zero({**two, "low": -0.3, "high": -0.1}) == "yes"
+
+
+def test_seed_matched_bootstrap_cancels_a_seed_effect_both_arms_share():
+    # Seeds 1-2 are easy for both arms (right on every problem but the k where they differ), seeds 3-4
+    # hard (wrong on all of those): a seed effect both arms share, as a training order would be. On
+    # every seed, a is right and b wrong on the same k = 30 of P = 200 problems, so drawing seeds
+    # jointly for both arms, a replicate difference is Binomial(P, k/P) / P, whatever seeds it draws.
+    P, k = 200, 30
+    a, b = {}, {}
+    for s in (1, 2, 3, 4):
+        row = np.full(P, 1.0 if s <= 2 else 0.0)
+        a[s], b[s] = row.copy(), row.copy()
+        a[s][:k], b[s][:k] = 1.0, 0.0
+    a[9] = np.ones(P)  # a seed only arm a has: not in the matched difference
+    b = dict(reversed(list(b.items())))  # matched by seed label, not by position
+    pairs = seed_matched_bootstrap({"a": a, "b": b, "c": {5: np.zeros(P)}, "d": {3: b[3]}}, replicates=40_000, seed=3)
+    pair = pairs[("a", "b")]
+    assert pair.n == 4 and pair.estimate == pytest.approx(k / P, abs=1e-15)
+    for q, got in ((0.025, pair.low), (0.975, pair.high)):
+        assert abs(got - _binom_quantile(q, P, k / P) / P) <= 1.0 / P + 1e-12
+    # the primary analysis draws seeds apart for each arm: the shared seed effect widens its interval
+    primary = paired_bootstrap({"a": np.stack([a[s] for s in (1, 2, 3, 4)]), "b": np.stack([b[s] for s in (1, 2, 3, 4)])},
+                               replicates=40_000, seed=3).pairs[("a", "b")]
+    assert primary.estimate == pytest.approx(pair.estimate, abs=1e-15)
+    assert primary.high - primary.low > 4 * (pair.high - pair.low)
+    # no common seed: no pair; one common seed: n = 1 (problems only, not read as excluding 0)
+    assert ("a", "c") not in pairs and ("c", "d") not in pairs
+    assert pairs[("b", "d")].n == 1 and pairs[("b", "d")].estimate == 0.0
+    assert pairs[("a", "d")].n == 1 and pairs[("a", "d")].estimate == pytest.approx(k / P, abs=1e-15)
+    assert seed_matched_bootstrap({"a": a, "b": b}, seed=1) == seed_matched_bootstrap({"a": a, "b": b}, seed=1)
+    with pytest.raises(ValueError, match="one length"):
+        seed_matched_bootstrap({"a": {1: np.ones(3)}, "b": {1: np.ones(4)}})
 
 
 def test_paired_bootstrap_same_seed_same_answer():
@@ -303,6 +335,11 @@ def test_report_numbers_recompute_from_the_stored_verdicts(fake_study):
     assert (pair["a"], pair["b"]) == ("grpo", "dapo")
     assert (pair["estimate"], pair["low"], pair["high"]) == pytest.approx(
         (again.pairs[("grpo", "dapo")].estimate, again.pairs[("grpo", "dapo")].low, again.pairs[("grpo", "dapo")].high), abs=1e-15)
+    matched = seed_matched_bootstrap({arm: dict(zip((1, 2), verdicts[arm])) for arm in verdicts},
+                                     replicates=summary["replicates"], seed=summary["bootstrap_seed"])[("grpo", "dapo")]
+    pair = summary["pairs"]["test_accuracy_seed_matched"][0]
+    assert (pair["a"], pair["b"], pair["seeds"], pair["n"]) == ("grpo", "dapo", [1, 2], 2)
+    assert (pair["estimate"], pair["low"], pair["high"]) == pytest.approx((matched.estimate, matched.low, matched.high), abs=1e-15)
     # steps-to-target 0.2: heldout at steps 2, 4 is score*s/4: grpo 0.15, 0.3 -> step 4; dapo (0.4) 0.2 -> step 2
     assert summary["arms"]["grpo"]["steps_to_target"]["estimate"] == 4.0
     assert summary["arms"]["dapo"]["steps_to_target"]["estimate"] == 2.0

@@ -5,9 +5,9 @@ the same problems in the same order. One bootstrap replicate:
 
 1. draws P problem indices with replacement, ONCE, shared by every arm (the pairing: a hard
    problem drawn twice counts twice for every arm, so problem difficulty cancels in differences);
-2. draws, for each arm separately, S_arm seed indices with replacement (seeds are independent
-   training runs; seed s of one arm and seed s of another are not the same draw of anything that
-   the test measures);
+2. draws, for each arm separately, S_arm seed indices with replacement (the study's written plan:
+   seeds as independent training runs, although seed s of two arms shares one thing, the order of
+   the training problems, which the seed sets for every arm alike; see `seed_matched_bootstrap`);
 3. takes each arm's mean verdict over the drawn seeds and problems (with multiplicity).
 
 The arm's interval is the (alpha/2, 1 - alpha/2) percentile interval of its replicates; the
@@ -15,6 +15,9 @@ difference A - B of two arms takes the same percentiles of the replicate differe
 measured once per run (steps-to-target, end-of-run entropy) have no problem axis:
 `seed_bootstrap` resamples only the seeds within each arm (step 2); with one seed there is nothing
 to resample, so an arm of one seed, and each pair with it, has no interval (low = high = None).
+
+`seed_matched_bootstrap` is the secondary analysis of a pair that takes the shared training
+order into account: only the seeds both arms have, drawn jointly for both (as the problems are).
 
 Resampling is by multinomial counts (the same as drawing indices), so a replicate is
 `u_b @ V @ w_b / (S P)` with u_b, w_b the seed and problem counts of replicate b.
@@ -137,3 +140,36 @@ def seed_bootstrap(values: Mapping[str, np.ndarray], *, confidence: float = 0.95
         if interval.n < 2:
             interval.low = interval.high = None
     return result
+
+
+def seed_matched_bootstrap(verdicts: Mapping[str, Mapping[int, np.ndarray]], *, confidence: float = 0.95,
+                           replicates: int = DEFAULT_REPLICATES, seed: int = DEFAULT_SEED) -> dict[tuple[str, str], Interval]:
+    """Pairwise differences on the seeds both arms have, resampling seeds AND problems jointly.
+
+    verdicts: arm -> {seed: (problems,) 0/1}, the same problems for every run. For the pair (a, b)
+    with common seeds C: the estimate is the mean over C and the problems of V_a - V_b, and one
+    replicate draws P problem indices (shared by every pair) and |C| indices into C (shared by a
+    and b), so a seed that is good or bad for both arms alike cancels in the difference, as a hard
+    problem does. Pairs with no common seed are left out; with one, the interval holds problem
+    noise only (n = 1, as in `paired_bootstrap`). Interval.n is |C|.
+    """
+    _check(confidence, replicates)
+    runs = {a: {int(s): np.asarray(v, dtype=np.float64) for s, v in by_seed.items()} for a, by_seed in verdicts.items()}
+    lengths = {(a, s): v.shape for a, by_seed in runs.items() for s, v in by_seed.items()}
+    if len({shape for shape in lengths.values()}) > 1 or any(len(shape) != 1 or shape[0] < 1 for shape in lengths.values()):
+        raise ValueError(f"seed_matched_bootstrap: every run needs a (problems,) vector of one length, got {lengths}")
+    if not lengths:
+        raise ValueError("seed_matched_bootstrap: no runs")
+    n_problems = next(iter(lengths.values()))[0]
+    rng = np.random.default_rng(seed)
+    w = _counts(rng, n_problems, replicates)
+    pairs = {}
+    for a, b in combinations(list(runs), 2):  # pair order fixes the random stream: reproducible
+        common = sorted(set(runs[a]) & set(runs[b]))
+        if not common:
+            continue
+        d = np.stack([runs[a][s] - runs[b][s] for s in common])  # (|C|, P)
+        u = _counts(rng, len(common), replicates)
+        reps = np.einsum("bs,sp,bp->b", u, d, w) / (len(common) * n_problems)
+        pairs[(a, b)] = Interval(float(d.mean()), *_percentiles(reps, confidence), len(common))
+    return pairs

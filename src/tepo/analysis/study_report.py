@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from tepo.analysis.bootstrap import DEFAULT_REPLICATES, BootstrapResult, paired_bootstrap, seed_bootstrap
+from tepo.analysis.bootstrap import (
+    DEFAULT_REPLICATES,
+    BootstrapResult,
+    paired_bootstrap,
+    seed_bootstrap,
+    seed_matched_bootstrap,
+)
 from tepo.analysis.compare import Comparison, RunData, heldout_series, load_run
 from tepo.analysis.study import (
     DONE_FILE,
@@ -152,7 +158,12 @@ def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT
                 "monitor": {str(f.run.seed): monitor_kinds(f.data) for f in fs},
                 "monitor_flagged": sum(bool(monitor_kinds(f.data)) for f in fs),
             }
-        result["pairs"] = {"test_accuracy": _pairs(accuracy), "steps_to_target": _pairs(steps), "end_entropy": _pairs(entropy)}
+        matched = seed_matched_bootstrap({a: {f.run.seed: f.verdicts for f in finals[a]} for a in arms},
+                                         confidence=confidence, replicates=replicates, seed=seed)
+        seeds_of = {a: {f.run.seed for f in finals[a]} for a in arms}
+        result["pairs"] = {"test_accuracy": _pairs(accuracy), "steps_to_target": _pairs(steps), "end_entropy": _pairs(entropy),
+                           "test_accuracy_seed_matched": [{"a": a, "b": b, **i.to_dict(), "seeds": sorted(seeds_of[a] & seeds_of[b])}
+                                                          for (a, b), i in matched.items()]}
     result["tuning_before"] = tuning_before(study)
     result["runs"] = [{"key": r.key, "status": run_status(study, r)} for r in all_runs(study)]
     planned_final = len(study.arms) * len(study.final_seeds)
@@ -246,6 +257,17 @@ def tables(study: Study, result: dict[str, Any]):
                                    note="Paired bootstrap: problems resampled jointly for both arms, seeds within each arm. "
                                         "Where an arm has one seed the interval holds problem noise only, not the spread "
                                         "between seeds, so it is not read as excluding 0 (–).")))
+    if pairs.get("test_accuracy_seed_matched"):
+        rows = [[f"{p['a']} - {p['b']}", ", ".join(map(str, p["seeds"])), _signed(p["estimate"]), _interval(p), excludes_zero(p)]
+                for p in pairs["test_accuracy_seed_matched"]]
+        out.append(("matched_pairs", Table("Secondary: test accuracy differences (points) on the seeds both arms have, "
+                                           "seed-matched and paired by problem",
+                                           ["pair", "seeds", "difference", f"{conf} interval", "interval excludes 0"], rows,
+                                           text_last=True,
+                                           note="The seed sets the order of the training problems, the same for every arm, "
+                                                "so here a replicate draws the seeds both arms have jointly for both, as it "
+                                                "draws the problems; the estimate is over those seeds only. The primary "
+                                                "analysis is the table that resamples seeds within each arm.")))
     if arms:
         rows = []
         for arm, a in arms.items():
@@ -282,7 +304,8 @@ def tables(study: Study, result: dict[str, Any]):
 
 # the report's tables by key, and what each shows (for a README block whose table has no runs yet)
 TABLE_KEYS = {"progress": "runs done", "tuning": "tuning", "accuracy": "test accuracy per arm",
-              "pairs": "test accuracy differences", "target": "steps to the target",
+              "pairs": "test accuracy differences", "matched_pairs": "seed-matched test accuracy differences",
+              "target": "steps to the target",
               "target_pairs": "steps-to-target differences", "entropy": "end-of-run entropy",
               "entropy_pairs": "end-of-run entropy differences", "monitor": "stability monitor flags"}
 
