@@ -22,7 +22,8 @@ PANELS = [
     ("training reward (batch mean)", [("reward_mean", "reward")], False),
     ("token entropy (nats)", [("entropy_mean", "entropy")], False),
     ("clip fractions", [("clip_frac", "all"), ("clip_frac_low", "low (A<0)"), ("clip_frac_high", "high (A>0)")], False),
-    ("KL-mask fraction (tepo_kl_coef > 0)", [("kl_mask_frac", "masked tokens")], False),
+    # the mask selects tokens whatever the coefficient; they carry weight only where tepo_kl_coef > 0
+    ("KL-mask fraction (acts where tepo_kl_coef > 0)", [("kl_mask_frac", "tokens the mask selects")], False),
 ]
 SEVERITY_COLORS = {"critical": "tab:red", "warning": "tab:orange"}
 

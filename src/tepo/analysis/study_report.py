@@ -231,9 +231,11 @@ def tables(study: Study, result: dict[str, Any]):
         out.append(("tuning", Table("Tuning: validation accuracy at the last step (%), per setting",
                                     ["arm", "setting", "options", "per seed", "mean", ""], rows, align_left=4, text_last=True,
                                     note=(f"Before training: {_pct(result.get('tuning_before'))}%. " if result.get("tuning_before") is not None else "")
-                                         + "Rule: the highest mean over the tuning seeds; settings within "
-                                         f"{100 * study.tie_tolerance:g} points of the best are tied and the one listed "
-                                         "first (the simpler) wins. Unfinished or failed settings show –.")))
+                                         + "Rule: the highest mean over the tuning seeds; "
+                                         + (f"settings within {100 * study.tie_tolerance:g} points of the best are tied and the one "
+                                            "listed first (the simpler) wins." if study.tie_tolerance > 0 else
+                                            "an exact tie goes to the setting listed first (the simpler).")
+                                         + " Unfinished or failed settings show –.")))
     arms = result["arms"]
     rows = []
     for arm, a in arms.items():
@@ -481,9 +483,12 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     for name in ("reward", "entropy", "clip"):
         if comp.runs and _plot_curves(comp, CURVES[name], out / f"{name}.png", smooth, colors):
             figures.append((f"{name}.png", f"{name} of the final runs (line: mean over seeds; band: min-max)"))
-    if comp.runs and _plot_curves(comp, [("kl_mask_frac", "KL-mask fraction (tepo with tepo_kl_coef > 0)", True, False)],
+    if comp.runs and _plot_curves(comp, [("kl_mask_frac", "KL-mask fraction (tokens the mask selects)", True, False)],
                                   out / "kl_mask.png", smooth, colors):
-        figures.append(("kl_mask.png", "KL-mask fraction of the final runs"))
+        # the mask selects tokens whatever the coefficient; with tepo_kl_coef = 0 (plain tepo) they carry no weight
+        figures.append(("kl_mask.png", "KL-mask fraction of the final runs: tokens the mask selects (A > 0, entropy "
+                                       "falling). It changes the loss only where tepo_kl_coef > 0 (tepo-kl; tepo-adaptive "
+                                       "while its controller is on); for plain tepo it is what the mask would select."))
     if _plot_differences(result, out / "differences.png"):
         figures.insert(0, ("differences.png", "Pairwise test accuracy differences"))
     if _plot_tuning(result, out / "tuning.png"):
