@@ -1,7 +1,7 @@
 """tepo.objectives against the spec: worked examples, a plain float64 reference, finite differences,
 dtypes, errors, and Clip-Cov's random selection.
 
-The reference below is written from spec/OBJECTIVES.md with loops and numpy, independently of the
+The reference below is written from docs/objectives.md with loops and numpy, independently of the
 library code: per-token values *and* analytic per-token gradients.
 """
 
@@ -31,7 +31,7 @@ from tepo.objectives import (
 ALL = ["grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "tepo", "clip_cov", "kl_cov"]
 BASE_METRICS = {"clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max", "approx_kl"}
 
-# The defaults of OBJECTIVES.md, typed in again (not read from the library).
+# The defaults of docs/objectives.md, typed in again (not read from the library).
 SHARED = {"agg": "token-mean", "max_len": None, "beta_kl": 0.0, "kl_estimator": "k3", "entropy_coef": 0.0}
 SPEC_DEFAULTS = {
     "grpo": dict(SHARED, clip_low=0.2, clip_high=0.2, agg="seq-mean-token-mean"),

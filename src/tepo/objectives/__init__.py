@@ -1,4 +1,4 @@
-"""Policy objectives as exact, pure PyTorch functions (the contract: spec/OBJECTIVES.md).
+"""Policy objectives as exact, pure PyTorch functions (the contract: docs/objectives.md).
 
     out = policy_loss("tepo", logp=..., old_logp=..., advantages=..., mask=...)
     out.loss.backward(); log(out.metrics)

@@ -1,4 +1,4 @@
-"""Shared pieces of every policy objective (the formulas of OBJECTIVES.md, each written once).
+"""Shared pieces of every policy objective (the formulas of docs/objectives.md, each written once).
 
 Notation (all tensors of one call, one mini-batch):
     B, T        batch size, padded completion length

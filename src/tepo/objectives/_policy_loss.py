@@ -36,7 +36,7 @@ def policy_loss(
     token_weight: Optional[Tensor] = None,
     **hparams,
 ) -> PolicyLossOutput:
-    """Policy loss of objective `name` on one mini-batch (see docs in OBJECTIVES.md).
+    """Policy loss of objective `name` on one mini-batch (the formulas: docs/objectives.md).
 
     Tensors: logp, old_logp, mask (B, T); advantages (B,) or (B, T); ref_logp, entropy,
     old_entropy (B, T) or None. bf16/fp16/fp32 inputs are computed in float32, float64 in float64.
