@@ -284,7 +284,7 @@ class VLLMBackend:
             )
         from vllm import LLM
 
-        from tepo.training.vllm_sync import cpu_engine_defaults, engine_on_cpu
+        from tepo.vllm_engine import cpu_engine_defaults, engine_on_cpu
 
         engine = {"dtype": "bfloat16", "gpu_memory_utilization": gpu_memory_utilization}
         if engine_on_cpu():

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from trl.scripts.vllm_serve import build_command, make_parser
 
     script_args, extra_args = make_parser().parse_args_and_config(args=argv, return_remaining_strings=True)
-    from tepo.training.vllm_sync import engine_on_cpu
+    from tepo.vllm_engine import engine_on_cpu
 
     if engine_on_cpu() and "--worker-extension-cls" not in extra_args:
         extra_args = [*extra_args, "--worker-extension-cls", EXTENSION]

