@@ -6,7 +6,7 @@ Reads the small files that `tepo train` wrote for each run and that are committe
 `main_job_backends` section of docs/benchmarks.md: one row per run (wall time, peak memory, mean
 time of a generating step and of the others, held-out accuracy before and after), and the
 difference in held-out accuracy after training, vLLM minus HF, with a 95% paired bootstrap
-interval (`tepo.analysis.bootstrap.paired_bootstrap`: the 150 held-out problems resampled jointly
+interval (`tepo.analysis.stats.paired_bootstrap`: the 150 held-out problems resampled jointly
 for both backends, the seeds within each). Nothing is trained here; the runs were made with
 
     flock /tmp/tepo-cpu.lock /usr/bin/time -v -o time.txt tepo train --config recipes/quickstart.yaml \\
@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
 
-from tepo.analysis.bootstrap import paired_bootstrap  # noqa: E402
-from tepo.training.callbacks import read_metrics  # noqa: E402
+from tepo.analysis.stats import paired_bootstrap  # noqa: E402
+from tepo.run_folder import read_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "main-job"
 BACKENDS = {"hf": "Hugging Face generate", "vllm": "vLLM colocate (fp32 engine)"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +17,9 @@ import pytest
 from tepo.analysis import compare as cmp
 from tepo.analysis.cli import compare_main
 from tepo.analysis.entropy_law import fit_entropy_law
+from tepo.analysis.runs import accuracy_table, aggregate_over_seeds, load_comparison, moving_average, steps_to_target
+from tepo.analysis.stats import mean_std_ci, seed_matched_t
+from tepo.run_folder import ROLLOUT_CORRECTION_KEYS, read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # a fake comparison folder: 2 objectives x 2 seeds whose held-out accuracy follows the entropy law
@@ -108,28 +112,44 @@ def test_entropy_law_bad_input():
 # ---------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("df, expected", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (10, 2.228139), (30, 2.042272)])
-def test_t_quantile_matches_tables(df, expected):
-    assert cmp.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-6)
-    assert cmp.t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-6)
-    assert cmp.t_cdf(expected, df) == pytest.approx(0.975, abs=1e-7)
+@pytest.mark.parametrize("n, quantile", [(2, 12.706205), (3, 4.302653), (5, 2.776445), (11, 2.228139)])
+def test_mean_std_ci_uses_the_t_quantile_of_the_tables(n, quantile):
+    values = [0.1 * i * i for i in range(n)]
+    stats = mean_std_ci(values)
+    half = quantile * statistics.stdev(values) / math.sqrt(n)
+    assert stats["ci_high"] - stats["mean"] == pytest.approx(half, rel=1e-6)
+
+
+def test_seed_matched_t_is_a_t_interval_over_the_per_seed_differences():
+    # a and b on 4 problems; per-seed differences of the mean verdicts: s1 +0.5, s2 0, s3 +0.25 (s4 only in a)
+    a = {1: np.array([1, 1, 0, 0]), 2: np.array([1, 0, 0, 0]), 3: np.array([1, 1, 1, 0]), 4: np.array([1, 1, 1, 1])}
+    b = {1: np.array([0, 0, 0, 0]), 2: np.array([0, 1, 0, 0]), 3: np.array([0, 1, 1, 0])}
+    c = {4: np.array([0, 0, 0, 0])}
+    pairs = seed_matched_t({"a": a, "b": b, "c": c})
+    d = [0.5, 0.0, 0.25]
+    half = 4.302653 * statistics.stdev(d) / math.sqrt(3)
+    ab = pairs[("a", "b")]
+    assert ab.n == 3 and ab.estimate == pytest.approx(0.25)
+    assert (ab.low, ab.high) == (pytest.approx(0.25 - half, abs=1e-6), pytest.approx(0.25 + half, abs=1e-6))
+    assert pairs[("a", "c")].n == 1 and pairs[("a", "c")].low is None  # one common seed: no spread, no interval
+    assert ("b", "c") not in pairs  # no common seed
 
 
 def test_mean_std_ci():
     values = [0.52, 0.61, 0.58]
-    stats = cmp.mean_std_ci(values)
+    stats = mean_std_ci(values)
     half = 4.302653 * statistics.stdev(values) / math.sqrt(3)
     assert stats["mean"] == pytest.approx(statistics.mean(values))
     assert stats["std"] == pytest.approx(statistics.stdev(values))
     assert stats["ci_low"] == pytest.approx(statistics.mean(values) - half, abs=1e-6)
     assert stats["ci_high"] == pytest.approx(statistics.mean(values) + half, abs=1e-6)
-    one = cmp.mean_std_ci([0.5])
+    one = mean_std_ci([0.5])
     assert one["n"] == 1 and math.isnan(one["ci_low"]) and math.isnan(one["std"])
 
 
 def test_moving_average_and_aggregate():
-    np.testing.assert_allclose(cmp.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
-    band = cmp.aggregate_over_seeds([(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])),
+    np.testing.assert_allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    band = aggregate_over_seeds([(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])),
                                      (np.array([2.0, 3.0]), np.array([4.0, 5.0]))])
     np.testing.assert_allclose(band.steps, [1, 2, 3])
     np.testing.assert_allclose(band.mean, [1.0, 3.0, 4.0])
@@ -143,9 +163,9 @@ def test_moving_average_and_aggregate():
 # loading and summarising a comparison
 # ---------------------------------------------------------------------------------------------
 def test_load_and_accuracy_table(tmp_path):
-    comp = cmp.load_comparison(make_fake_comparison(tmp_path))
+    comp = load_comparison(make_fake_comparison(tmp_path))
     assert comp.objectives == ["grpo", "tepo"] and len(comp.runs) == 4
-    table = {row["objective"]: row for row in cmp.accuracy_table(comp)}
+    table = {row["objective"]: row for row in accuracy_table(comp)}
     for objective in LAW:
         finals = [fake_accuracy(objective, s, STEPS) for s in (0, 1)]
         after = table[objective]["after"]
@@ -161,8 +181,8 @@ def test_load_and_accuracy_table(tmp_path):
 
 
 def test_steps_to_target_heldout(tmp_path):
-    comp = cmp.load_comparison(make_fake_comparison(tmp_path))
-    result = cmp.steps_to_target(comp)
+    comp = load_comparison(make_fake_comparison(tmp_path))
+    result = steps_to_target(comp)
     best = max(statistics.mean(fake_accuracy(o, s, STEPS) for s in (0, 1)) for o in LAW)
     target = (BEFORE + best) / 2
     assert result["metric"] == "held-out accuracy" and result["target"] == pytest.approx(target)
@@ -171,7 +191,7 @@ def test_steps_to_target_heldout(tmp_path):
             expected = next((step for step in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)
                              if fake_accuracy(objective, seed, step) >= target), None)
             assert result["per_objective"][objective]["per_seed"][seed] == expected
-    fixed = cmp.steps_to_target(comp, target=0.999)
+    fixed = steps_to_target(comp, target=0.999)
     assert all(info["reached"] == 0 for info in fixed["per_objective"].values())
 
 
@@ -190,12 +210,12 @@ def test_unfinished_run_is_left_out_of_final_results(tmp_path):
             record["status"] = "running"
     (root / "compare.json").write_text(json.dumps(state))
 
-    comp = cmp.load_comparison(root)
+    comp = load_comparison(root)
     assert [r.name for r in comp.runs if r.unfinished] == ["grpo-s1"]
-    table = {row["objective"]: row for row in cmp.accuracy_table(comp)}
+    table = {row["objective"]: row for row in accuracy_table(comp)}
     assert table["grpo"]["seeds"] == [0] and table["grpo"]["per_seed"] == {0: pytest.approx(fake_accuracy("grpo", 0, STEPS))}
     assert table["tepo"]["seeds"] == [0, 1]
-    target = cmp.steps_to_target(comp)["per_objective"]["grpo"]
+    target = steps_to_target(comp)["per_objective"]["grpo"]
     assert target["runs"] == 1 and list(target["per_seed"]) == [0]
     from tepo.analysis.report import _setup_lines
 
@@ -204,7 +224,7 @@ def test_unfinished_run_is_left_out_of_final_results(tmp_path):
     for record in state["runs"]:
         record["status"] = "done"
     (root / "compare.json").write_text(json.dumps(state))
-    assert cmp.accuracy_table(cmp.load_comparison(root))[0]["seeds"] == [0, 1]
+    assert accuracy_table(load_comparison(root))[0]["seeds"] == [0, 1]
 
 
 def test_no_default_target_when_nothing_improved(tmp_path):
@@ -217,10 +237,10 @@ def test_no_default_target_when_nothing_improved(tmp_path):
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
         for name in ("eval_before.json", "eval_after.json"):
             (run / name).write_text(json.dumps({"accuracy": 0.0, "correct": 0, "num_problems": 100}))
-    result = cmp.steps_to_target(cmp.load_comparison(root))
+    result = steps_to_target(load_comparison(root))
     assert "no default target" in result["problem"] and math.isnan(result["target"])
     assert all(info["per_seed"] == {} for info in result["per_objective"].values())
-    given = cmp.steps_to_target(cmp.load_comparison(root), target=0.0)
+    given = steps_to_target(load_comparison(root), target=0.0)
     assert given["problem"] == "" and given["per_objective"]["grpo"]["per_seed"] == {0: 0.0, 1: 0.0}
 
 
@@ -231,7 +251,7 @@ def test_steps_to_target_falls_back_to_reward(tmp_path):
         for row in rows:
             row.pop("heldout_accuracy", None)
         metrics.write_text("\n".join(json.dumps(r) for r in rows))
-    result = cmp.steps_to_target(cmp.load_comparison(root), smooth=1)
+    result = steps_to_target(load_comparison(root), smooth=1)
     assert result["metric"] == "training reward"
     rewards = {(o, s): [fake_accuracy(o, s, t) - 0.1 + 0.01 * ((t * 7 + s) % 3 - 1) for t in range(1, STEPS + 1)] for o in LAW for s in (0, 1)}
     start = statistics.mean(r[0] for r in rewards.values())
@@ -242,11 +262,28 @@ def test_steps_to_target_falls_back_to_reward(tmp_path):
 def test_torn_last_line_is_ignored_but_interior_garbage_is_an_error(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
-    rows, warnings = cmp.read_metrics(path)
+    warnings: list[str] = []
+    rows = read_metrics(path, warnings)
     assert [r["step"] for r in rows] == [1, 2] and "incomplete" in warnings[0]
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        cmp.read_metrics(path)
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        read_metrics(path)
+    path.write_text('{"loss": 1.0}\n')  # the one rule: every row has an integer step
+    with pytest.raises(ValueError, match="integer 'step'"):
+        read_metrics(path)
+
+
+def test_the_run_folder_module_imports_without_torch():
+    code = ("import sys, tepo.run_folder, tepo.stability, tepo.analysis.runs, tepo.analysis.study; "
+            "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_rollout_correction_columns_are_the_trainers():
+    from tepo.training.rollout_correction import METRIC_NAMES
+
+    assert ROLLOUT_CORRECTION_KEYS == METRIC_NAMES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,14 +323,17 @@ def fake_train(tmp_path, monkeypatch):
 
 
 def test_plan_is_seed_major_and_identical_but_for_objective_and_seed(tmp_path):
-    plan = cmp.plan_comparison(["grpo", "tepo"], [0, 1], tmp_path, ["--max_steps", "5", "--lr", "1e-5"],
-                               train_command=["train"], known_objectives=["grpo", "tepo"])
+    study = cmp.plan_comparison(["grpo", "tepo"], [0, 1], tmp_path, ["--max_steps", "5", "--lr", "1e-5"],
+                                known_objectives=["grpo", "tepo"])
+    assert not study.grid and not study.test_problems  # a study without tuning or test stage
+    plan = cmp.run_specs(study, ["train"])
     assert [p.name for p in plan] == ["grpo-s0", "tepo-s0", "grpo-s1", "tepo-s1"]
     for spec in plan:
         cmd = spec.command
+        assert cmd[0] == "train"
         assert cmd[cmd.index("--objective") + 1] == spec.objective and cmd[cmd.index("--seed") + 1] == str(spec.seed)
         assert cmd[cmd.index("--output_dir") + 1] == str(tmp_path.resolve() / "runs" / spec.name)
-        assert cmd[-4:] == ["--max_steps", "5", "--lr", "1e-5"]
+        assert cmd[cmd.index("--seed") + 2:cmd.index("--output_dir")] == ["--max_steps", "5", "--lr", "1e-5"]
     with pytest.raises(ValueError, match="unknown objective.*'ppo'"):
         cmp.plan_comparison(["grpo", "ppo"], [0], tmp_path, [], known_objectives=["grpo", "tepo"])
     with pytest.raises(ValueError, match="--seed is set per run"):
@@ -302,7 +342,10 @@ def test_plan_is_seed_major_and_identical_but_for_objective_and_seed(tmp_path):
 
 def test_each_objective_gets_its_own_advantage_scale_unless_one_is_set(tmp_path):
     def scales(train_args):
-        plan = cmp.plan_comparison(["grpo", "dr_grpo"], [0], tmp_path, train_args, train_command=["train"])
+        recipe = [a for a in train_args if a.endswith(".yaml")]
+        shared = [a for a in train_args if a != "--config" and not a.endswith(".yaml")]
+        plan = cmp.run_specs(cmp.plan_comparison(["grpo", "dr_grpo"], [0], tmp_path, shared,
+                                                 recipe=recipe[0] if recipe else None), ["train"])
         return [(p.objective, p.scale_rewards) for p in plan], [p.command for p in plan]
 
     own, commands = scales(["--max_steps", "5"])
@@ -322,20 +365,20 @@ def test_compare_runs_then_skips_finished_runs(tmp_path, fake_train, capsys):
     assert compare_main(argv) == 0
     made = calls()
     assert len(made) == 4
-    common = [c[c.index("--output_dir") + 2:] for c in made]
+    common = [c[c.index("--seed") + 2:c.index("--output_dir")] for c in made]
     assert all(c == ["--max_steps", "3", "--heldout_eval_steps", "2", "--learning_rate", "1e-5"] for c in common)
     state = json.loads((out / "compare.json").read_text())
     assert [r["status"] for r in state["runs"]] == ["done"] * 4
     assert state["train_args"] == common[0]
     for r in state["runs"]:
         run_dir = Path(r["run_dir"])
-        assert (run_dir / "DONE").exists() and "training" in (run_dir / "train.log").read_text()
+        assert (run_dir / "DONE.json").exists() and "training" in (run_dir / "train.log").read_text()
     printed = capsys.readouterr().out
-    assert "[1/4] grpo-s0: running" in printed and "4/4 done" in printed
+    assert "[runs 1/4] runs/grpo-s0: training" in printed and "4 runs done, 0 failed, 0 to train" in printed
 
     assert compare_main(argv) == 0  # rerun: nothing to do
     assert len(calls()) == 4
-    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    assert "runs 4/4 done, 0 failed, 0 to train" in capsys.readouterr().out
 
     argv_more = [a if a != "0,1" else "0,1,2" for a in argv]  # a third seed: only its runs are new
     assert compare_main(argv_more) == 0
@@ -351,7 +394,7 @@ def test_compare_failure_is_reported_and_rerun_starts_clean(tmp_path, fake_train
     state = json.loads((out / "compare.json").read_text())
     assert {r["name"]: r["status"] for r in state["runs"]} == {"grpo-s0": "done", "tepo-s0": "failed"}
     assert state["runs"][1]["returncode"] == 3
-    assert not (out / "runs" / "tepo-s0" / "DONE").exists()
+    assert not (out / "runs" / "tepo-s0" / "DONE.json").exists()
     printed = capsys.readouterr().out
     assert "FAILED (exit status 3)" in printed and "boom: simulated failure" in printed
     assert len(calls()) == 2  # nothing retried within the run
@@ -359,13 +402,13 @@ def test_compare_failure_is_reported_and_rerun_starts_clean(tmp_path, fake_train
     monkeypatch.delenv("FAKE_FAIL")
     assert compare_main(argv) == 1  # a failed run is a result: not retried unless asked
     assert len(calls()) == 2
-    assert "not retrying runs that failed before: tepo-s0 (exit status 3)" in capsys.readouterr().out
+    assert "not retrying runs/tepo-s0" in capsys.readouterr().out
     assert compare_main([*argv, "--retry_failed"]) == 0
     assert [c[c.index("--objective") + 1] for c in calls()[2:]] == ["tepo"]
     assert "boom" in (out / "failed" / "tepo-s0.1" / "train.log").read_text()
     assert "moved them to" in capsys.readouterr().out
     state = json.loads((out / "compare.json").read_text())
-    assert state["runs"][1]["status"] == "done" and state["runs"][1]["attempts"] == 2
+    assert state["runs"][1]["status"] == "done" and state["runs"][1]["returncode"] == 0
 
 
 def test_compare_resume_keeps_the_attempt_in_place(tmp_path, fake_train, monkeypatch, capsys):
@@ -421,16 +464,19 @@ def test_registry_knows_the_compared_objectives():
     assert {"grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "tepo", "clip_cov", "kl_cov"} <= set(cmp.registered_objectives())
 
 
-def test_compare_snapshots_the_recipe_and_refuses_a_changed_one(tmp_path):
-    from tepo.analysis.cli import snapshot_recipe
-
+def test_compare_trains_from_the_recipes_copy_and_refuses_a_changed_one(tmp_path, fake_train, capsys):
+    command, calls = fake_train
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rate: 1.0e-5\n")
     out = tmp_path / "cmp"
-    snap = snapshot_recipe(str(recipe), str(out))
-    assert snap == out / "recipe.yaml" and snap.read_text() == recipe.read_text()
-    recipe.write_text("learning_rate: 2.0e-5\n")  # edited while the comparison runs
-    with pytest.raises(ValueError, match="differs from the recipe this comparison started with"):
-        snapshot_recipe(str(recipe), str(out))
-    assert snap.read_text() == "learning_rate: 1.0e-5\n"
-    assert snapshot_recipe(str(recipe), str(out), allow_change=True).read_text() == "learning_rate: 2.0e-5\n"
+    argv = ["--objectives", "grpo", "--seeds", "0", "--output_dir", str(out), "--train_command", command, "--config", str(recipe)]
+    assert compare_main(argv) == 0
+    made = calls()[0]
+    assert made[made.index("--config") + 1] == str((out / "recipe.yaml").resolve())
+    assert (out / "recipe.yaml").read_text() == recipe.read_text()
+    recipe.write_text("learning_rate: 2.0e-5\n")  # edited after a run finished
+    assert compare_main(argv) == 2
+    assert "another recipe" in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == "learning_rate: 1.0e-5\n"  # the finished run's recipe stays
+    assert compare_main([*argv, "--allow_setup_change"]) == 0
+    assert (out / "recipe.yaml").read_text() == "learning_rate: 2.0e-5\n" and len(calls()) == 1

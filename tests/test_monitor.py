@@ -9,7 +9,8 @@ import random
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from tepo.training.monitor import KINDS, StabilityMonitor, StabilityMonitorCallback, replay_metrics
+from tepo.stability import KINDS, StabilityMonitor, replay_metrics
+from tepo.training.monitor import StabilityMonitorCallback
 
 
 def healthy_stream(steps: int = 120, seed: int = 0) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tepo.analysis.bootstrap import paired_bootstrap, seed_bootstrap, seed_matched_bootstrap
+from tepo.analysis.stats import paired_bootstrap, seed_bootstrap, seed_matched_bootstrap
 from tepo.analysis.study import StudyError, load_study, select_settings
 from tepo.tasks import check_disjoint, make_problems
 from tepo.tasks.arithmetic import split_of
@@ -174,7 +174,9 @@ FAKE_TRAIN = textwrap.dedent('''
     opts = dict(zip(argv[::2], argv[1::2]))
     out = Path(opts["--output_dir"]); out.mkdir(parents=True, exist_ok=True)
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps({"out": str(out), "args": argv}) + "\\n")
+        f.write(json.dumps({"out": str(out), "args": argv, "cpus": sorted(os.sched_getaffinity(0)),
+                            "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
     kill = os.environ.get("FAKE_KILL_STUDY_AT", "")
     if kill and kill in str(out) and not Path(os.environ["FAKE_CALLS"] + ".killed").exists():
         Path(os.environ["FAKE_CALLS"] + ".killed").write_text("1")
@@ -275,6 +277,7 @@ def test_a_runs_duration_excludes_the_wait_for_the_cpu_lock(fake_study, monkeypa
     """DONE.json's duration_s is the run's own time; the wait for the CPU lock is lock_wait_s."""
     import contextlib
 
+    import tepo.analysis.runner as runner_module
     import tepo.analysis.study as study_module
 
     study_file, _, _, tmp = fake_study
@@ -301,12 +304,62 @@ def test_a_runs_duration_excludes_the_wait_for_the_cpu_lock(fake_study, monkeypa
         clock.now += 90.0
         return 0
 
-    monkeypatch.setattr(study_module, "time", clock)
-    monkeypatch.setattr(study_module, "_cpu_lock", busy_lock)
-    status = study_module.train_one(study, run, runner=runner, train_command=["train"], cpu_lock="lock",
+    monkeypatch.setattr(runner_module, "time", clock)
+    monkeypatch.setattr(runner_module, "cpu_lock_of", busy_lock)
+    status = runner_module.train_one(study, run, runner=runner, train_command=["train"], cpu_lock="lock",
                                     echo=lambda line: None, prefix="")
     done = json.loads((run.results(study) / "DONE.json").read_text())
     assert status == "done" and done["duration_s"] == 90.0 and done["lock_wait_s"] == 600.0
+
+
+def test_plan_is_one_json_object_a_line_with_the_command_of_each_run(fake_study):
+    study, run, trained, tmp = fake_study
+    out = run("plan")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    keys = [r["key"] for r in records]
+    assert keys[:3] == ["tuning/dapo/g0-s0", "tuning/dapo/g1-s0", "tuning/dapo/g2-s0"]
+    assert {r["status"] for r in records[:3]} == {"todo"} and records[0]["run"][-2:] == ["--only", "tuning/dapo/g0-s0"]
+    assert records[0]["train"][records[0]["train"].index("--output_dir") + 1] == str(tmp / "runs/tuning/dapo/g0-s0")
+    # grpo has no grid: its final runs are known now; dapo's wait for its tuning
+    assert {r["key"]: r["status"] for r in records[3:]} == {"final/grpo-s1": "todo", "final/grpo-s2": "todo",
+                                                            "final/dapo-s1": "later", "final/dapo-s2": "later"}
+
+
+def test_only_trains_the_run_it_names(fake_study):
+    study, run, trained, tmp = fake_study
+    out = run("run", "--only", "final/grpo-s2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert trained() == ["final/grpo-s2"] and (tmp / "results/final/grpo-s2/DONE.json").exists()
+    assert run("run", "--only", "final/grpo-s2").returncode == 0 and trained() == ["final/grpo-s2"]  # done: not again
+    early = run("run", "--only", "final/dapo-s1")
+    assert early.returncode == 2 and "still tuning" in early.stderr
+    assert run("run", "--only", "final/nope-s1").returncode == 2
+
+
+def test_two_runners_at_once_never_train_the_same_run(fake_study):
+    study, run, trained, tmp = fake_study
+    command = [sys.executable, "-m", "tepo.cli", "study", "run", str(study), "--train_command", f"{sys.executable} {tmp / 'fake_train.py'}"]
+    env = dict(os.environ, FAKE_CALLS=str(tmp / "calls.jsonl"), PYTHONPATH=str(ROOT / "src"), FAKE_SLEEP="0.5")
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    keys = trained()
+    assert len(keys) == len(set(keys)) == 7, keys  # 3 tuning + 4 final runs, each trained once
+    assert all((tmp / "results" / key / "DONE.json").exists() for key in keys)
+
+
+def test_jobs_train_runs_at_once_each_on_its_own_cores(fake_study):
+    study, run, trained, tmp = fake_study
+    out = run("run", "--jobs", "2", extra_env={"FAKE_SLEEP": "0.3"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = [json.loads(line) for line in (tmp / "calls.jsonl").read_text().splitlines()]
+    assert len({c["out"] for c in calls}) == len(calls) == 7
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        slots = {tuple(c["cpus"]) for c in calls}
+        assert len(slots) == 2 and not set(slots.pop()) & set(slots.pop())  # two disjoint shares of the cores
+        assert all(c["omp"] == str(len(c["cpus"])) for c in calls)
 
 
 def test_study_refuses_a_finished_run_trained_otherwise(fake_study):
@@ -401,7 +454,7 @@ def test_report_rewrites_the_readmes_marked_tables_and_check_catches_a_drifted_f
     assert "Text the report leaves alone." in text and "More text." in text
     assert "<!-- study:other:tuning -->another study's block<!-- /study:other:tuning -->" in text
     assert "Test accuracy (%)" not in text  # only the marked tables
-    assert f"Regenerate: `tepo study report {study} --readme {readme}`" in text
+    assert f"Regenerate: `tepo study report {study} --doc {readme}`" in text
     ok = run("report", "--readme", str(readme), "--check")
     assert ok.returncode == 0 and "match the results" in ok.stdout
     # a figure edited by hand (or results that changed under the README) fails the check, by table name
@@ -460,19 +513,20 @@ def test_readme_marker_errors_name_the_file_and_marker(fake_study, text, message
     assert readme.read_text() == text
 
 
-def test_the_readmes_study_tables_match_the_committed_results():
-    """The README's study tables are the committed results' tables: no figure there is typed by hand."""
-    readme = ROOT / "README.md"
-    if "<!-- study:" not in readme.read_text():
-        pytest.skip("the README marks no study tables")
+def test_the_docs_study_tables_match_the_committed_results():
+    """docs/results.md's study tables are the committed results' tables: no figure there is typed by hand."""
+    doc = ROOT / "docs" / "results.md"
+    checked = 0
     for path in sorted((ROOT / "studies").glob("*.yaml")):
         name = load_study(path).name
-        if f"<!-- study:{name}:" not in readme.read_text():
+        if f"<!-- study:{name}:" not in doc.read_text():
             continue
-        out = subprocess.run([sys.executable, "-m", "tepo.cli", "study", "report", str(path.relative_to(ROOT)),
-                              "--readme", "README.md", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        out = subprocess.run([sys.executable, "-m", "tepo.cli", "study", "report", str(path.relative_to(ROOT)), "--check"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
                              env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
         assert out.returncode == 0, out.stderr + out.stdout
+        checked += 1
+    assert checked, "docs/results.md marks no study's tables"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -576,3 +630,47 @@ def test_tiny_model_study_killed_resumes_skips_finished_runs_and_reports(tmp_pat
     summary = json.loads((index.parent / "summary.json").read_text())
     assert summary["arms"]["tepo"]["test_accuracy"]["estimate"] == pytest.approx(np.mean(test["verdicts"]), abs=1e-15)
     assert not any((tmp_path / "results").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_tiny_model_two_runners_at_once_train_each_run_once(tmp_path):
+    """Two `tepo study run` processes on one study, real `tepo train` runs on the tiny model: the
+    per-run lock gives each run to one of them."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_llm import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "train.py").write_text(textwrap.dedent('''
+        import os, sys
+        with open(os.environ["TRAIN_CALLS"], "a") as f:
+            f.write(sys.argv[sys.argv.index("--output_dir") + 1] + "\\n")
+        from tepo.cli import main
+        sys.exit(main(["train", *sys.argv[1:]]))
+    '''))
+    study = tmp_path / "tiny.yaml"
+    study.write_text(textwrap.dedent(f'''
+        name: tiny2
+        model: {model}
+        base: {{task: arithmetic, levels: "1", num_problems: 32, max_steps: 2, per_device_train_batch_size: 8,
+                num_generations: 4, steps_per_generation: 2, max_completion_length: 8, bf16: false,
+                report_to: none, learning_rate: 1.0e-3, heldout_eval_steps: 1, save_strategy: "no"}}
+        validation_problems: 4
+        test_problems: 6
+        target: 0.5
+        arms:
+          grpo: {{objective: grpo}}
+          tepo: {{objective: tepo}}
+        final:
+          seeds: [1, 2]
+        results_dir: {tmp_path / "results"}
+        runs_dir: {tmp_path / "runs"}
+    '''))
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, TRAIN_CALLS=str(calls), PYTHONPATH=str(ROOT / "src"))
+    command = [sys.executable, "-m", "tepo.cli", "study", "run", str(study), "--train_command", f"{sys.executable} {tmp_path / 'train.py'}"]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    trained = [Path(line).relative_to(tmp_path / "runs").as_posix() for line in calls.read_text().splitlines()]
+    assert sorted(trained) == ["final/grpo-s1", "final/grpo-s2", "final/tepo-s1", "final/tepo-s2"]  # each once
+    assert all((tmp_path / "results" / key / "DONE.json").exists() for key in trained)

@@ -1,4 +1,5 @@
-"""`tepo report DIR`: plots and tables of a comparison folder, as DIR/report/index.html + summary.md.
+"""The renderer: `Table`, the CSS and the plots (public helpers every report uses), and `tepo report DIR`:
+plots and tables of a comparison folder, as DIR/report/index.html + summary.md.
 
 The HTML is self-contained (inline CSS, no JavaScript); plots are PNG files beside it, referenced
 by relative paths, so the report folder can be copied or served as is.
@@ -18,18 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from tepo.analysis.compare import (
-    Comparison,
+from tepo.analysis.runs import (
     RunData,
+    RunSet,
     accuracy_table,
     aggregate_over_seeds,
     final_accuracy,
     heldout_series,
     load_comparison,
-    mean_std_ci,
     moving_average,
     steps_to_target,
 )
+from tepo.analysis.stats import mean_std_ci
 from tepo.analysis.entropy_law import EntropyLawFit, fit_entropy_law
 
 # (metric key, panel title, smooth it?, log y?)
@@ -107,11 +108,12 @@ def _ci(stats: dict, scale: float = 100.0, digits: int = 1) -> str:
     return f"[{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "–"
 
 
-def _colors(objectives: Sequence[str]) -> dict[str, Any]:
+def group_colors(groups: Sequence[str]) -> dict[str, Any]:
+    """One colour per group (objective or study arm), in order: the same in every plot of a report."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    return {o: cmap(i % 10) for i, o in enumerate(objectives)}
+    return {g: cmap(i % 10) for i, g in enumerate(groups)}
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def _scale_y(ax, values: np.ndarray, logy: bool) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def _plot_curves(comp: Comparison, panels, path: Path, smooth: int, colors) -> bool:
+def plot_curves(comp: RunSet, panels, path: Path, smooth: int, colors) -> bool:
     """One figure, one panel per metric that some run logged; line = mean over seeds, band = min-max."""
     import matplotlib.pyplot as plt
 
@@ -167,7 +169,7 @@ def _plot_curves(comp: Comparison, panels, path: Path, smooth: int, colors) -> b
     return True
 
 
-def _plot_heldout(comp: Comparison, path: Path, colors) -> bool:
+def plot_heldout(comp: RunSet, path: Path, colors) -> bool:
     import matplotlib.pyplot as plt
 
     if not any(heldout_series(r)[0].size for r in comp.runs):
@@ -208,7 +210,7 @@ def entropy_law_points(run: RunData, performance: str, smooth: int) -> tuple[np.
     return moving_average(ev[ei], smooth), moving_average(rv[ri], smooth)
 
 
-def fit_entropy_laws(comp: Comparison, smooth: int) -> dict[str, Any]:
+def fit_entropy_laws(comp: RunSet, smooth: int) -> dict[str, Any]:
     """Fit R = -a exp(H) + b per objective (seeds pooled). R is held-out accuracy when every
     objective has >= 3 held-out points with entropy, else the smoothed training reward."""
     by_obj = comp.by_objective()
@@ -263,7 +265,7 @@ def _plot_entropy_law(law: dict[str, Any], path: Path, colors) -> bool:
     return True
 
 
-def _plot_pass_curves(comp: Comparison, benches: list[str], path: Path, colors) -> bool:
+def _plot_pass_curves(comp: RunSet, benches: list[str], path: Path, colors) -> bool:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
@@ -326,17 +328,19 @@ def _target_table(target: dict[str, Any]) -> Table:
     rows = []
     for objective, info in target["per_objective"].items():
         st = info["steps"]
-        steps = f"{st['mean']:.1f} ± {st['std']:.1f}" if st["n"] > 1 else (f"{st['mean']:.0f}" if st["n"] else "not reached")
+        steps = f"{st['mean']:.1f} ± {st['std']:.1f}" if st["n"] > 1 else (f"{st['mean']:.0f}" if st["n"] else "–")
         if target["problem"]:
             steps = "–"
-        per_seed = ", ".join(f"s{s}: {'–' if v is None else int(v)}" for s, v in info["per_seed"].items())
+        per_seed = ", ".join(f"s{s}: {'–' if not math.isfinite(v) else int(v)}{'' if info['reached_per_seed'][s] else '+'}"
+                             for s, v in info["per_seed"].items())
         rows.append([objective, f"{info['reached']}/{info['runs']}", steps, per_seed])
     scale = 100 if target["metric"] == "held-out accuracy" else 1
     fmt = (lambda x: f"{_pct(x)}%") if scale == 100 else (lambda x: _num(x, 3))
     how = ("given with --target" if target["target_given"]
            else f"midpoint between the start ({fmt(target['start'])}) and the best objective's final mean ({fmt(target['best_final'])})")
-    note = (f"Target: {target['metric']} >= {fmt(target['target'])}, {how}. Steps: mean ± std over the seeds that "
-            "reached it; resolution is the held-out evaluation interval when held-out accuracy is used.")
+    note = (f"Target: {target['metric']} >= {fmt(target['target'])}, {how}. Steps: mean ± std over the seeds; a run "
+            "that never reached it counts as its last evaluated step plus one evaluation interval (marked +): a lower "
+            "bound. Resolution is the held-out evaluation interval when held-out accuracy is used.")
     if target["problem"]:
         note = f"Target ({target['metric']}): {target['problem']}."
     return Table("Steps to reach the target", ["objective", "reached", "steps (mean ± std)", "per seed"], rows, note, text_last=True)
@@ -381,7 +385,7 @@ def _estimate_order(key: str) -> tuple:
     return ({"greedy": 0, "avg": 1, "pass": 2, "maj": 3}.get(head, 9), int(k) if k.isdigit() else 0)
 
 
-def _results_tables(comp: Comparison, confidence: float) -> tuple[list[Table], list[str]]:
+def _results_tables(comp: RunSet, confidence: float) -> tuple[list[Table], list[str]]:
     benches = list(dict.fromkeys(b for r in comp.runs if r.results for b in r.results["benchmarks"]))
     tables = []
     for bench in benches:
@@ -411,7 +415,7 @@ def _results_tables(comp: Comparison, confidence: float) -> tuple[list[Table], l
     return tables, benches
 
 
-def _monitor_table(comp: Comparison) -> Table:
+def _monitor_table(comp: RunSet) -> Table:
     rows = []
     for run in sorted(comp.runs, key=lambda r: (comp.objectives.index(r.objective), r.seed)):
         m = run.monitor or {}
@@ -424,11 +428,11 @@ def _monitor_table(comp: Comparison) -> Table:
         ) or ("healthy" if m else "no metrics")
         stop = f" Stopped early at step {m['stopped_early_at']}." if m.get("stopped_early_at") is not None else ""
         rows.append([run.name, run.monitor_source or "–", text + stop])
-    note = "Verdicts of tepo.training.monitor.StabilityMonitor (written by the run, or replayed here with default thresholds)."
+    note = "Verdicts of tepo.stability.StabilityMonitor (written by the run, or replayed here with default thresholds)."
     return Table("Monitor verdicts per run", ["run", "source", "verdicts"], rows, note, align_left=3)
 
 
-def _runs_table(comp: Comparison, smooth: int) -> Table:
+def _runs_table(comp: RunSet, smooth: int) -> Table:
     rows = []
     for run in sorted(comp.runs, key=lambda r: (comp.objectives.index(r.objective), r.seed)):
         _, reward = run.series("reward_mean")
@@ -472,7 +476,7 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     comp = load_comparison(root)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    colors = _colors(comp.objectives)
+    colors = group_colors(comp.objectives)
     report = Report()
 
     report.accuracy = accuracy_table(comp, confidence)
@@ -487,13 +491,13 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     report.tables["runs"] = _runs_table(comp, smooth)
 
     band_note = "Line: mean over seeds; band: min–max over seeds."
-    if _plot_heldout(comp, out / "heldout_accuracy.png", colors):
+    if plot_heldout(comp, out / "heldout_accuracy.png", colors):
         report.figures.append(("curves", "heldout_accuracy.png", "Held-out accuracy", band_note))
     captions = {"reward": "Training reward", "entropy": "Policy entropy", "clip": "Clip fractions",
                 "length": "Completion length", "kl": "Policy movement per update", "optim": "Optimisation",
                 "controls": "Entropy controllers"}
     for name, panels in CURVES.items():
-        if _plot_curves(comp, panels, out / f"{name}.png", smooth, colors):
+        if plot_curves(comp, panels, out / f"{name}.png", smooth, colors):
             report.figures.append(("curves", f"{name}.png", captions[name], band_note))
     if _plot_entropy_law(law, out / "entropy_law.png", colors):
         report.figures.append(("law", "entropy_law.png", "Entropy-performance law", "Points: one per run and step; lines: the fit per objective."))
@@ -506,7 +510,7 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     return index
 
 
-def _setup_lines(comp: Comparison) -> list[str]:
+def _setup_lines(comp: RunSet) -> list[str]:
     state = comp.state
     seeds = sorted({r.seed for r in comp.runs})
     lines = [f"Objectives: {', '.join(comp.objectives)}; seeds: {', '.join(map(str, seeds))}; runs found: {len(comp.runs)}"
@@ -520,8 +524,8 @@ def _setup_lines(comp: Comparison) -> list[str]:
     return lines
 
 
-def _markdown(comp: Comparison, report: Report, result_tables: list[Table]) -> str:
-    parts = [f"## Comparison: {comp.root.resolve().name}", "", *[f"{line}  " for line in _setup_lines(comp)], ""]
+def _markdown(comp: RunSet, report: Report, result_tables: list[Table]) -> str:
+    parts = [f"## RunSet: {comp.root.resolve().name}", "", *[f"{line}  " for line in _setup_lines(comp)], ""]
     parts += [report.tables[k].markdown() for k in ("accuracy", "target", "fit")]
     if result_tables:
         parts.append("### Benchmarks (pass@k etc.)\n")
@@ -529,7 +533,7 @@ def _markdown(comp: Comparison, report: Report, result_tables: list[Table]) -> s
     return "\n".join(parts)
 
 
-def _html(comp: Comparison, report: Report, result_tables: list[Table]) -> str:
+def _html(comp: RunSet, report: Report, result_tables: list[Table]) -> str:
     esc = html.escape
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     def figures(section: str) -> str:

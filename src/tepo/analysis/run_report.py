@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import math
 import os
 from pathlib import Path
 
-from tepo.analysis.compare import RunData, heldout_series, load_run, moving_average
+from tepo.analysis.runs import RunData, heldout_series, load_run, moving_average
+from tepo.run_folder import EVAL_TEST_FILE, METRICS_FILE, RUN_FILE, read_json
 
 # (panel title, [(metric key, line label)], as a percentage?)
 PANELS = [
@@ -99,11 +99,11 @@ def build_run_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     from tepo.analysis.report import CSS, Table
 
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    if not (run_dir / METRICS_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a `tepo train` output_dir?)")
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1, got {smooth}")
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    info = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
     config = info.get("config") or {}
     objective = str(config.get("objective") or "?")
     run = load_run(run_dir, objective, int(config.get("seed") or 0))
@@ -116,8 +116,8 @@ def build_run_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | No
         split = (info.get("script") or {}).get("heldout_split", "test")
         rows.append([f"held-out accuracy ({split} split, greedy, {run.eval_after.get('num_problems')} problems)",
                      f"{_fmt(run.eval_before['accuracy'], True)} -> {_fmt(run.eval_after['accuracy'], True)}"])
-    if (run_dir / "eval_test.json").is_file():
-        test = json.loads((run_dir / "eval_test.json").read_text())
+    if run.eval_test is not None:
+        test = run.eval_test
         rows.append([f"test accuracy (greedy, {test.get('num_problems')} problems)", _fmt(test.get("accuracy"), True)])
     for key, label in (("reward_mean", "training reward"), ("entropy_mean", "token entropy"), ("clip_frac", "clip fraction"),
                        ("kl_mask_frac", "KL-mask fraction")):

@@ -1,55 +1,41 @@
 """Studies: a YAML file that says what to train, how each method's open settings are chosen, and
 how the chosen ones are compared (docs/study.md has the format and the rules).
 
-A study has two stages. Tuning: each arm with a `grid` trains once per (setting, tuning seed) and
-is scored on the validation split. Final: each arm at its selected setting trains once per final
-seed, with the validation split evaluated during training (for steps-to-target) and the test split,
-which tuning never sees, evaluated once at the end with per-problem verdicts.
+This module is the study's description, without side effects: the file (`load_study`), the plan
+(`tuning_runs`, `final_runs`, `train_args`), each run's status (from its results folder) and the
+selection of the tuned settings. Training the runs is `tepo.analysis.runner`; the report is
+`tepo.analysis.study_report`.
 
-Runs are the unit of work. `run_study` trains, one at a time, every run whose results folder has
-no DONE.json, each in its work folder under `runs_dir` (checkpoints, weights, log: never committed)
-and resumed from its last checkpoint when an earlier attempt left one; when a run ends it copies
-the run's small files (SMALL_FILES) into its results folder under `results_dir` and writes
-DONE.json last, so a results folder with DONE.json is complete. A killed study rerun with the same
-command carries on where it stopped.
+A study has up to two stages. Tuning (optional): each arm with a `grid` trains once per (setting,
+tuning seed) and is scored on the validation split. Final: each arm at its selected setting trains
+once per final seed, with the validation split evaluated during training (for steps-to-target) and,
+when `test_problems` > 0, the test split, which tuning never sees, evaluated once at the end with
+per-problem verdicts. `tepo compare` is a study built in memory (`comparison_study`): arms are
+objectives, no tuning, no test stage, the trainer's own held-out evaluation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import hashlib
 import itertools
 import json
 import math
 import os
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-from tepo.analysis.compare import _cpu_lock, _duration, _tail
-from tepo.analysis.compare import subprocess_runner as compare_runner
+from tepo.run_folder import DONE_FILE, EVAL_AFTER_FILE, FAILED_FILE, LEGACY_DONE_FILE, read_json
 
-DONE_FILE = "DONE.json"
-FAILED_FILE = "FAILED.json"
-LOG_FILE = "train.log"
-SMALL_FILES = ("run.json", "metrics.jsonl", "eval_before.json", "eval_after.json", "eval_test.json", "monitor.json")
 STAGES = ("tuning", "final")
 STUDY_KEYS = {"name", "description", "recipe", "base", "validation_problems", "test_problems", "target",
               "arms", "tuning", "final", "results_dir", "runs_dir", "model"}
 # tepo train options the study sets per run (the split each stage evaluates on, the seed, the folder)
 CONTROLLED = {"seed", "output_dir", "heldout_split", "reserve_validation", "heldout_num_problems", "test_num_problems",
               "resume_from_checkpoint", "heldout_eval", "heldout_data", "data", "config"}
-
-Runner = Callable[[Sequence[str], Path, Mapping[str, str]], int]
 
 
 class StudyError(ValueError):
@@ -62,7 +48,7 @@ class StudyError(ValueError):
 @dataclass
 class Study:
     name: str
-    path: Path
+    path: Path | None  # None: built in memory (tepo compare)
     recipe: Path | None
     base: dict[str, Any]
     arms: dict[str, dict[str, Any]]
@@ -70,13 +56,17 @@ class Study:
     tuning_seeds: list[int]
     final_seeds: list[int]
     validation_problems: int
-    test_problems: int
-    target: float
+    test_problems: int  # 0: no test stage
+    target: float | None  # None: no steps-to-target in the study report
     results_dir: Path
     runs_dir: Path
     tie_tolerance: float = 0.0
     description: str = ""
     model: str | None = None
+    splits: bool = True  # False: no validation/test split arguments; the trainer's own held-out set
+    extra_args: list[str] = field(default_factory=list)  # passed unchanged to every run, last
+    final_dir: str = "final"  # the final runs' folder under results_dir / runs_dir
+    kind: str = "study"  # how messages name it: "study" or "compare"
 
     def recipe_digest(self) -> str:
         return hashlib.sha256(self.recipe.read_bytes()).hexdigest()[:16] if self.recipe else ""
@@ -246,10 +236,12 @@ def train_args(study: Study, run: StudyRun) -> list[str]:
         args += ["--model", str(model.resolve()) if model.exists() else study.model]
     for key, value in {**study.base, **run.options}.items():
         args += [f"--{key}", _flag(value)]
-    args += ["--seed", str(run.seed), "--reserve_validation", "true", "--heldout_split", "validation",
-             "--heldout_num_problems", str(study.validation_problems),
-             "--test_num_problems", str(study.test_problems if run.stage == "final" else 0)]
-    return args
+    args += ["--seed", str(run.seed)]
+    if study.splits:
+        args += ["--reserve_validation", "true", "--heldout_split", "validation",
+                 "--heldout_num_problems", str(study.validation_problems),
+                 "--test_num_problems", str(study.test_problems if run.stage == "final" else 0)]
+    return args + list(study.extra_args)
 
 
 def tuning_runs(study: Study) -> list[StudyRun]:
@@ -271,28 +263,21 @@ def final_runs(study: Study, selected: Mapping[str, int | None]) -> list[StudyRu
                 continue
             k = selected[arm]
             setting = study.grid[arm][k] if k is not None else {}
-            runs.append(StudyRun("final", arm, seed, k, {**study.arms[arm], **setting}, f"final/{arm}-s{seed}"))
+            runs.append(StudyRun("final", arm, seed, k, {**study.arms[arm], **setting}, f"{study.final_dir}/{arm}-s{seed}"))
     return runs
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StudyError(f"{path}: not valid JSON ({err})") from None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+        return read_json(path)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
 
 
 def run_status(study: Study, run: StudyRun) -> str:
     """done, failed, or todo (never started, or started and not finished)."""
     folder = run.results(study)
-    if (folder / DONE_FILE).exists():
+    if (folder / DONE_FILE).exists() or (folder / LEGACY_DONE_FILE).exists():
         return "done"
     return "failed" if (folder / FAILED_FILE).exists() else "todo"
 
@@ -303,6 +288,8 @@ def check_identity(study: Study, run: StudyRun) -> None:
     if not done.exists():
         return
     record = _read_json(done)
+    if "args" not in record and "train_args" in record:  # a DONE.json of `tepo compare` before it was a study
+        return
     now = train_args(study, run)
     if _portable(record.get("args")) != _portable(now) or record.get("recipe_sha256", "") != study.recipe_digest():
         then = record.get("args") or []
@@ -330,7 +317,7 @@ def validation_score(study: Study, run: StudyRun) -> float | None:
     """Validation accuracy at the run's last step (its eval_after.json); None unless done."""
     if run_status(study, run) != "done":
         return None
-    return float(_read_json(run.results(study) / "eval_after.json")["accuracy"])
+    return float(_read_json(run.results(study) / EVAL_AFTER_FILE)["accuracy"])
 
 
 def select_settings(study: Study) -> dict[str, dict[str, Any]]:
@@ -376,197 +363,7 @@ def selected_settings(study: Study) -> dict[str, int | None]:
     return out
 
 
-# ---- running ---------------------------------------------------------------------------------
-def default_train_command() -> list[str]:
-    return [sys.executable, "-m", "tepo.cli", "train"]
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the study process dies (even by SIGKILL), so no trainer is
-    left running behind a killed study to race the rerun on the same folder (Linux only)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def subprocess_runner(command: Sequence[str], log_path: Path, env: Mapping[str, str]) -> int:
-    """compare's runner, with the child trainer bound to die with the study (Linux)."""
-    return compare_runner(command, log_path, env, stop_wait_s=60,
-                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-
-
-def _git_commit(paths: Sequence[Path], message: str, echo: Callable[[str], None]) -> None:
-    """Commit `paths` (only them) in the repository that holds the first; warn, never fail the study."""
-    cwd = paths[0] if paths[0].is_dir() else paths[0].parent
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        rel = [os.path.relpath(p, top) for p in paths if p.exists()]
-        for attempt in range(10):
-            if not Path(top, ".git", "index.lock").exists():
-                break
-            time.sleep(2)
-        subprocess.run(["git", "add", "--", *rel], cwd=top, capture_output=True, text=True, check=True)
-        done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=top, capture_output=True, text=True)
-        if done.returncode != 0 and "nothing to commit" not in done.stdout + done.stderr:
-            echo(f"tepo study: git commit failed: {(done.stderr or done.stdout).strip()}")
-    except (OSError, subprocess.CalledProcessError) as err:
-        echo(f"tepo study: could not commit {paths[0]}: {getattr(err, 'stderr', '') or err}")
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _snapshot_study_files(study: Study) -> list[Path]:
-    """study.yaml and recipe.yaml beside the results: what the stored runs were trained from."""
-    study.results_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for source, name in ((study.path, "study.yaml"), (study.recipe, "recipe.yaml")):
-        if source is None:
-            continue
-        target = study.results_dir / name
-        if not target.exists() or target.read_bytes() != source.read_bytes():
-            shutil.copyfile(source, target)
-        written.append(target)
-    return written
-
-
-def _stored_problem_ids(path: Path) -> list[str] | None:
-    return list(_read_json(path).get("ids") or []) if path.exists() else None
-
-
-def train_one(study: Study, run: StudyRun, *, runner: Runner, train_command: Sequence[str], cpu_lock: str | None,
-              echo: Callable[[str], None], prefix: str) -> str:
-    """Train one run (resuming from its checkpoint if one is there); store its small files. Its status."""
-    work, results = run.work(study), run.results(study)
-    work.mkdir(parents=True, exist_ok=True)
-    args = train_args(study, run)
-    command = [*train_command, *args, "--output_dir", str(work), "--resume_from_checkpoint", "true"]
-    resumed = any(work.glob("checkpoint-*"))
-    echo(f"{prefix} {run.key}: {'resuming' if resumed else 'training'} (log: {work / LOG_FILE})")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    asked = time.monotonic()
-    with _cpu_lock(cpu_lock):
-        start = time.monotonic()  # the run's own time, not the wait for another job to free the CPU
-        rc = runner(command, work / LOG_FILE, env)
-        elapsed = time.monotonic() - start
-    record = {"key": run.key, "stage": run.stage, "arm": run.arm, "seed": run.seed, "setting": run.setting,
-              "options": run.options, "args": args, "recipe_sha256": study.recipe_digest(), "returncode": rc,
-              "finished": _now(), "duration_s": round(elapsed, 1), "lock_wait_s": round(start - asked, 1)}
-    if rc != 0:
-        _write_json(results / FAILED_FILE, {**record, "log_tail": _tail(work / LOG_FILE, 30)})
-        echo(f"{prefix} {run.key}: FAILED (exit status {rc}) after {_duration(elapsed)}; last lines of {work / LOG_FILE}:\n"
-             f"{_tail(work / LOG_FILE)}")
-        return "failed"
-    missing = [f for f in ("metrics.jsonl", "eval_after.json") + (("eval_test.json",) if run.stage == "final" else ())
-               if not (work / f).exists()]
-    if missing:
-        _write_json(results / FAILED_FILE, {**record, "returncode": None, "log_tail": f"exited 0 without {missing}"})
-        echo(f"{prefix} {run.key}: FAILED: the trainer exited 0 but wrote no {', '.join(missing)}")
-        return "failed"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / FAILED_FILE).unlink(missing_ok=True)
-    for name in SMALL_FILES:
-        if (work / name).exists():
-            shutil.copyfile(work / name, results / name)
-    _write_json(results / DONE_FILE, record)  # last: a results folder with DONE.json is complete
-    score = _read_json(results / ("eval_test.json" if run.stage == "final" else "eval_after.json"))["accuracy"]
-    echo(f"{prefix} {run.key}: done in {_duration(elapsed)}, {'test' if run.stage == 'final' else 'validation'} "
-         f"accuracy {score:.3f}")
-    return "done"
-
-
-def run_study(study: Study, *, runner: Runner | None = None, train_command: Sequence[str] | None = None,
-              cpu_lock: str | None = None, retry_failed: bool = False, max_runs: int | None = None,
-              time_limit_s: float | None = None, commit: bool = False, readme: Path | None = None,
-              echo: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, int]:
-    """Train what is missing: tuning runs first, then the final runs of every arm whose selection is
-    known. Stops after `max_runs` runs or once `time_limit_s` has passed (no new run starts then).
-    With `readme`, the study's marked tables in that Markdown file are rewritten after each run (and
-    committed with it), so the file never lags the results.
-    Returns counts: done, failed, todo (still to train), trained (this call)."""
-    runner = runner or subprocess_runner
-    command = list(train_command) if train_command is not None else default_train_command()
-    snapshot = _snapshot_study_files(study)
-    if commit:
-        _git_commit(snapshot, f"study {study.name}: study file and recipe", echo)
-    started = time.monotonic()
-    trained = 0
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # stop the child trainer too (subprocess_runner's except clause)
-        raise KeyboardInterrupt
-
-    if threading_main():
-        signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        for stage in STAGES:
-            plan = tuning_runs(study) if stage == "tuning" else final_runs(study, selected_settings(study))
-            for run in plan:
-                check_identity(study, run)
-            todo = [r for r in plan if run_status(study, r) == "todo" or (retry_failed and run_status(study, r) == "failed")]
-            if stage == "tuning":
-                counts = _counts(study, plan)
-                echo(f"tepo study {study.name}: tuning {counts['done']}/{len(plan)} done, {counts['failed']} failed, "
-                     f"{len(todo)} to train")
-            else:
-                waiting = [a for a in study.arms if a not in selected_settings(study)]
-                counts = _counts(study, plan)
-                echo(f"tepo study {study.name}: final {counts['done']}/{len(plan)} planned runs done, {counts['failed']} failed, "
-                     f"{len(todo)} to train" + (f"; arms still tuning: {', '.join(waiting)}" if waiting else ""))
-            for index, run in enumerate(todo, start=1):
-                if max_runs is not None and trained >= max_runs:
-                    echo(f"tepo study {study.name}: stopping after {trained} run(s) (--max_runs); rerun to carry on")
-                    return _summary(study, trained)
-                if time_limit_s is not None and time.monotonic() - started >= time_limit_s:
-                    echo(f"tepo study {study.name}: time limit reached after {trained} run(s); rerun to carry on")
-                    return _summary(study, trained)
-                if run_status(study, run) == "done":
-                    continue
-                (run.results(study) / FAILED_FILE).unlink(missing_ok=True)
-                status = train_one(study, run, runner=runner, train_command=command, cpu_lock=cpu_lock, echo=echo,
-                                   prefix=f"[{stage} {index}/{len(todo)}]")
-                trained += 1
-                written = [run.results(study)]
-                if readme is not None and _sync_readme(study, readme, echo):
-                    written.append(readme)
-                if commit:
-                    _git_commit(written, f"study {study.name}: {run.key} {status}", echo)
-    except KeyboardInterrupt:
-        echo(f"tepo study {study.name}: interrupted; rerun the same command to carry on (the interrupted run resumes "
-             "from its last checkpoint)")
-        raise
-    finally:
-        if threading_main():
-            signal.signal(signal.SIGTERM, previous_sigterm)
-    summary = _summary(study, trained)
-    echo(f"tepo study {study.name}: {summary['done']} runs done, {summary['failed']} failed, {summary['todo']} to train; "
-         f"report with: tepo study report {study.path}")
-    return summary
-
-
-def _sync_readme(study: Study, readme: Path, echo: Callable[[str], None]) -> bool:
-    """Rewrite the README's marked tables of this study from the results; True if it changed. Warns, never fails."""
-    from tepo.analysis.study_report import compute, readme_regen_command, sync_readme, tables
-
-    try:
-        changed = sync_readme(readme, study, tables(study, compute(study)), readme_regen_command(study, readme))
-    except (OSError, StudyError) as err:
-        echo(f"tepo study: could not update {readme}'s tables: {err}")
-        return False
-    if changed:
-        echo(f"tepo study {study.name}: {readme}: rewrote table(s) {', '.join(changed)}")
-    return bool(changed)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _counts(study: Study, plan: Sequence[StudyRun]) -> dict[str, int]:
+def counts(study: Study, plan: Sequence[StudyRun]) -> dict[str, int]:
     statuses = [run_status(study, r) for r in plan]
     return {s: statuses.count(s) for s in ("done", "failed", "todo")}
 
@@ -576,18 +373,51 @@ def all_runs(study: Study) -> list[StudyRun]:
     return tuning_runs(study) + final_runs(study, selected_settings(study))
 
 
-def _summary(study: Study, trained: int) -> dict[str, int]:
-    counts = _counts(study, all_runs(study))
+def find_run(study: Study, key: str) -> StudyRun:
+    """The planned run with this key; StudyError naming the keys there are otherwise."""
+    runs = {r.key: r for r in all_runs(study)}
+    if key in runs:
+        return runs[key]
+    waiting = [a for a in study.arms if a not in selected_settings(study)]
+    if any(key.startswith(f"{study.final_dir}/{a}-s") for a in waiting):
+        raise StudyError(f"{key}: its arm is still tuning; its setting is not selected yet")
+    raise StudyError(f"no run {key!r} in study {study.name}; runs: {', '.join(runs) or '(none)'}")
+
+
+def summary(study: Study, trained: int = 0) -> dict[str, int]:
+    """Counts over the study: done, failed, todo (final runs of arms still tuning included), trained."""
+    found = counts(study, all_runs(study))
     waiting = sum(1 for a in study.arms if a not in selected_settings(study)) * len(study.final_seeds)
-    return {**counts, "todo": counts["todo"] + waiting, "trained": trained}
+    return {**found, "todo": found["todo"] + waiting, "trained": trained}
 
 
-def plan_lines(study: Study) -> list[str]:
-    """A human-readable plan: every run with its status and command arguments."""
-    lines = []
+def plan_records(study: Study, train_command: Sequence[str]) -> list[dict[str, Any]]:
+    """Every run as a scheduler reads it (`tepo study plan`, one JSON object a line): its key,
+    stage, arm, seed, status, its `tepo study run FILE --only KEY` command and the `tepo train`
+    command that command runs. Final runs of arms still tuning come as status "later", no command."""
+    records = []
     for run in all_runs(study):
-        lines.append(f"{run_status(study, run):6} {run.key}: tepo train {shlex.join(train_args(study, run))}")
+        only = ["tepo", "study", "run", str(study.path), "--only", run.key] if study.path else None
+        records.append({"key": run.key, "stage": run.stage, "arm": run.arm, "seed": run.seed, "setting": run.setting,
+                        "status": run_status(study, run), "run": only,
+                        "train": [*train_command, *train_args(study, run), "--output_dir", str(run.work(study))]})
     for arm in study.arms:
         if arm not in selected_settings(study):
-            lines.append(f"{'later':6} final/{arm}-s{{{','.join(map(str, study.final_seeds))}}}: after its tuning")
-    return lines
+            for seed in study.final_seeds:
+                records.append({"key": f"{study.final_dir}/{arm}-s{seed}", "stage": "final", "arm": arm, "seed": seed,
+                                "setting": None, "status": "later", "run": None, "train": None})
+    return records
+
+
+def comparison_study(name: str, objectives: Sequence[str], seeds: Sequence[int], output_dir: str | os.PathLike, *,
+                     recipe: str | os.PathLike | None = None, extra_args: Sequence[str] = ()) -> Study:
+    """`tepo compare` as a study: one arm per objective ({objective: NAME}), no tuning, final seeds =
+    seeds, no validation or test split (the trainer's own held-out evaluation), every run in
+    OUTPUT_DIR/runs/<objective>-s<seed>/ (work and results folder at once), `extra_args` shared."""
+    if not objectives or not seeds:
+        raise StudyError("need at least one objective and one seed")
+    out = Path(output_dir).resolve()
+    return Study(name=name, path=None, recipe=Path(recipe).resolve() if recipe else None, base={},
+                 arms={o: {"objective": o} for o in objectives}, grid={}, tuning_seeds=[], final_seeds=list(seeds),
+                 validation_problems=0, test_problems=0, target=None, results_dir=out, runs_dir=out, splits=False,
+                 extra_args=list(extra_args), final_dir="runs", kind="compare")

@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from tepo.analysis.bootstrap import (
+from tepo.run_folder import EVAL_BEFORE_FILE, EVAL_TEST_FILE, read_json
+from tepo.analysis.stats import (
     DEFAULT_REPLICATES,
     BootstrapResult,
     paired_bootstrap,
     seed_bootstrap,
     seed_matched_bootstrap,
+    seed_matched_t,
 )
-from tepo.analysis.compare import Comparison, RunData, heldout_series, load_run
+from tepo.analysis.runs import RunData, RunSet, heldout_series, load_run, steps_to_reach
 from tepo.analysis.study import (
-    DONE_FILE,
-    FAILED_FILE,
     Study,
     StudyError,
     StudyRun,
@@ -50,13 +50,9 @@ class FinalData:
     verdicts: np.ndarray  # (problems,) 0/1
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 def load_test_verdicts(path: Path) -> tuple[list[str], np.ndarray]:
     """(problem ids, 0/1 verdicts) of an eval_test.json; its stored accuracy must equal their mean."""
-    data = _read_json(path)
+    data = read_json(path)
     ids, verdicts = data.get("ids"), data.get("verdicts")
     if not isinstance(ids, list) or not isinstance(verdicts, list) or len(ids) != len(verdicts) or not ids:
         raise StudyError(f"{path}: expected equal, non-empty 'ids' and 'verdicts' lists")
@@ -67,17 +63,8 @@ def load_test_verdicts(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 def steps_to_target(data: RunData, target: float) -> tuple[float, bool]:
-    """(first step whose validation accuracy >= target, True) or, when never reached, (the last
-    evaluated step + the evaluation interval, False): a lower bound, so that runs that never
-    reach the target count as slower than any that did."""
-    steps, values = heldout_series(data)
-    if steps.size == 0:
-        return math.nan, False
-    hits = np.nonzero(values >= target - 1e-12)[0]
-    if hits.size:
-        return float(steps[hits[0]]), True
-    interval = float(steps[-1] - steps[-2]) if steps.size > 1 else float(steps[-1] or 1.0)
-    return float(steps[-1] + interval), False
+    """Steps to the target validation accuracy, by the one rule (`tepo.analysis.runs.steps_to_reach`)."""
+    return steps_to_reach(*heldout_series(data), target)
 
 
 def end_entropy(data: RunData) -> float:
@@ -94,9 +81,9 @@ def tuning_before(study: Study) -> float | None:
     """Validation accuracy before training, the mean over the finished tuning runs (one model: one value)."""
     values = []
     for run in tuning_runs(study):
-        path = run.results(study) / "eval_before.json"
+        path = run.results(study) / EVAL_BEFORE_FILE
         if run_status(study, run) == "done" and path.is_file():
-            values.append(float(_read_json(path)["accuracy"]))
+            values.append(float(read_json(path)["accuracy"]))
     return _mean(values)
 
 
@@ -108,7 +95,7 @@ def load_finals(study: Study) -> dict[str, list[FinalData]]:
         if run.stage != "final" or run_status(study, run) != "done":
             continue
         folder = run.results(study)
-        ids, verdicts = load_test_verdicts(folder / "eval_test.json")
+        ids, verdicts = load_test_verdicts(folder / EVAL_TEST_FILE)
         if reference is None:
             reference = ids
         elif ids != reference:
@@ -161,7 +148,10 @@ def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT
         matched = seed_matched_bootstrap({a: {f.run.seed: f.verdicts for f in finals[a]} for a in arms},
                                          confidence=confidence, replicates=replicates, seed=seed)
         seeds_of = {a: {f.run.seed for f in finals[a]} for a in arms}
+        t_pairs = seed_matched_t({a: {f.run.seed: f.verdicts for f in finals[a]} for a in arms}, confidence=confidence)
         result["pairs"] = {"test_accuracy": _pairs(accuracy), "steps_to_target": _pairs(steps), "end_entropy": _pairs(entropy),
+                           "test_accuracy_t": [{"a": a, "b": b, **i.to_dict(), "seeds": sorted(seeds_of[a] & seeds_of[b])}
+                                               for (a, b), i in t_pairs.items()],
                            "test_accuracy_seed_matched": [{"a": a, "b": b, **i.to_dict(), "seeds": sorted(seeds_of[a] & seeds_of[b])}
                                                           for (a, b), i in matched.items()]}
     result["tuning_before"] = tuning_before(study)
@@ -252,13 +242,19 @@ def tables(study: Study, result: dict[str, Any]):
                                            f"({result['replicates']} replicates, percentile).")))
     pairs = result.get("pairs", {})
     if pairs.get("test_accuracy"):
-        rows = [[f"{p['a']} - {p['b']}", _signed(p["estimate"]), _interval(p), excludes_zero(p)]
+        t_of = {(p["a"], p["b"]): p for p in pairs.get("test_accuracy_t", [])}
+        rows = [[f"{p['a']} - {p['b']}", _signed(p["estimate"]), _interval(t_of.get((p["a"], p["b"]))),
+                 excludes_zero(t_of.get((p["a"], p["b"]), {})), _interval(p), excludes_zero(p)]
                 for p in pairs["test_accuracy"]]
         out.append(("pairs", Table("Test accuracy differences (points), paired by problem",
-                                   ["pair", "difference", f"{conf} interval", "interval excludes 0"], rows, text_last=True,
-                                   note="Paired bootstrap: problems resampled jointly for both arms, seeds within each arm. "
-                                        "Where an arm has one seed the interval holds problem noise only, not the spread "
-                                        "between seeds, so it is not read as excluding 0 (–).")))
+                                   ["pair", "difference", f"{conf} t-interval over seeds (primary)", "t excludes 0",
+                                    f"{conf} bootstrap interval", "bootstrap excludes 0"], rows, text_last=True,
+                                   note="Primary: the t-interval over seeds, from the per-seed differences on the same "
+                                        "problems (the seeds both arms have), Student-t with df = seeds - 1. Beside it "
+                                        "the paired bootstrap: problems resampled jointly for both arms, seeds within each "
+                                        "arm; with few seeds a percentile bootstrap understates the spread between seeds. "
+                                        "Where the arms share one seed there is no t-interval, and the bootstrap interval "
+                                        "holds problem noise only, so it is not read as excluding 0 (–).")))
     if pairs.get("test_accuracy_seed_matched"):
         rows = [[f"{p['a']} - {p['b']}", ", ".join(map(str, p["seeds"])), _signed(p["estimate"]), _interval(p), excludes_zero(p)]
                 for p in pairs["test_accuracy_seed_matched"]]
@@ -269,7 +265,7 @@ def tables(study: Study, result: dict[str, Any]):
                                            note="The seed sets the order of the training problems, the same for every arm, "
                                                 "so here a replicate draws the seeds both arms have jointly for both, as it "
                                                 "draws the problems; the estimate is over those seeds only. The primary "
-                                                "analysis is the table that resamples seeds within each arm.")))
+                                                "interval is the t-interval over seeds of the table above.")))
     if arms:
         rows = []
         for arm, a in arms.items():
@@ -346,7 +342,7 @@ def readme_blocks(text: str, study_name: str, where: str) -> dict[str, tuple[int
 def check_readme_marks(path: Path, study: Study) -> dict[str, tuple[int, int]]:
     """The study's marked blocks of a Markdown file; StudyError if it is missing, has none or one is malformed."""
     if not path.is_file():
-        raise StudyError(f"--readme {path}: no such file")
+        raise StudyError(f"--doc {path}: no such file")
     blocks = readme_blocks(path.read_text(), study.name, str(path))
     if not blocks:
         raise StudyError(f"{path}: no <!-- study:{study.name}:TABLE --> markers (tables: {', '.join(TABLE_KEYS)})")
@@ -376,7 +372,7 @@ def sync_readme(path: Path, study: Study, tabs, regen: str, *, check: bool = Fal
 def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    pairs = result.get("pairs", {}).get("test_accuracy") or []
+    pairs = [p for p in result.get("pairs", {}).get("test_accuracy_t") or [] if p["low"] is not None]
     if not pairs:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(pairs) + 1.4))
@@ -386,7 +382,7 @@ def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     ax.axvline(0.0, color="grey", lw=1)
     ax.set_yticks(range(len(pairs)), [f"{p['a']} - {p['b']}" for p in pairs], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"test accuracy difference (points), {100 * result['confidence']:g}% paired bootstrap interval")
+    ax.set_xlabel(f"test accuracy difference (points), {100 * result['confidence']:g}% t-interval over seeds")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -457,7 +453,7 @@ def study_regen_command(study: Study) -> str:
 
 
 def readme_regen_command(study: Study, readme: Path) -> str:
-    return f"{study_regen_command(study)} --readme {_shown(readme)}"
+    return f"{study_regen_command(study)} --doc {_shown(readme)}"
 
 
 def write_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
@@ -466,7 +462,7 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     import matplotlib
 
     matplotlib.use("Agg")
-    from tepo.analysis.report import CSS, CURVES, _colors, _plot_curves, _plot_heldout
+    from tepo.analysis.report import CSS, CURVES, group_colors, plot_curves, plot_heldout
 
     result = compute(study, confidence=confidence, replicates=replicates, seed=seed)
     out = Path(out_dir) if out_dir else study.results_dir / "report"
@@ -474,16 +470,16 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     tabs = tables(study, result)
     finals = load_finals(study)
-    comp = Comparison(root=study.results_dir, runs=[f.data for fs in finals.values() for f in fs],
-                      state={"objectives": list(study.arms)})
+    comp = RunSet(root=study.results_dir, runs=[f.data for fs in finals.values() for f in fs],
+                  state={"objectives": list(study.arms)})  # the final runs, grouped by arm
     figures = []
-    colors = _colors(list(study.arms))
-    if comp.runs and _plot_heldout(comp, out / "validation_accuracy.png", colors):
+    colors = group_colors(list(study.arms))
+    if comp.runs and plot_heldout(comp, out / "validation_accuracy.png", colors):
         figures.append(("validation_accuracy.png", "Validation accuracy of the final runs (step 0 = before training)"))
     for name in ("reward", "entropy", "clip"):
-        if comp.runs and _plot_curves(comp, CURVES[name], out / f"{name}.png", smooth, colors):
+        if comp.runs and plot_curves(comp, CURVES[name], out / f"{name}.png", smooth, colors):
             figures.append((f"{name}.png", f"{name} of the final runs (line: mean over seeds; band: min-max)"))
-    if comp.runs and _plot_curves(comp, [("kl_mask_frac", "KL-mask fraction (tokens the mask selects)", True, False)],
+    if comp.runs and plot_curves(comp, [("kl_mask_frac", "KL-mask fraction (tokens the mask selects)", True, False)],
                                   out / "kl_mask.png", smooth, colors):
         # the mask selects tokens whatever the coefficient; with tepo_kl_coef = 0 (plain tepo) they carry no weight
         figures.append(("kl_mask.png", "KL-mask fraction of the final runs: tokens the mask selects (A > 0, entropy "

@@ -1,6 +1,6 @@
 """Training: `TEPOConfig`, `TEPOTrainer` (a thin TRL GRPOTrainer subclass), callbacks, `tepo train`.
 
-Names are imported lazily, so `import tepo.training.monitor` does not pay for importing TRL.
+Names are imported lazily, so `import tepo.training` does not pay for importing TRL.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training callbacks: per-step clock, non-finite guard, held-out evaluation, metrics.jsonl, progress.
 
 Metrics reach every logger the same way: a callback appends a value to the trainer's TRL metric
-buffer (`trainer._metrics["train"][name]`) before the step is logged, TRL's `log` averages the
+buffer (`trainer.record_metric(name, value)`) before the step is logged, TRL's `log` averages the
 buffer into the step's logs dict, and from there transformers hands it to the `report_to` loggers,
 the stability monitor and `MetricsJsonlWriter` alike. With `logging_steps=1` (enforced by
 TEPOConfig) one log is one optimiser step.
@@ -9,7 +9,6 @@ TEPOConfig) one log is one optimiser step.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,70 +20,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from tepo.training.rollout_correction import METRIC_NAMES as ROLLOUT_CORRECTION_METRICS
+from tepo.run_folder import METRIC_KEYS, METRICS_FILE, append_metrics, metrics_row, read_metrics, write_metrics  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-
-# The columns of metrics.jsonl, in order; every row has all of them (null where not measured:
-# kl_mask_frac only for tepo, cov_selected only for clip_cov / kl_cov).
-METRIC_KEYS = (
-    "reward_mean",
-    "reward_std",
-    "accuracy",
-    "zero_var_frac",
-    "entropy_mean",
-    "clip_frac",
-    "clip_frac_low",
-    "clip_frac_high",
-    "ratio_mean",
-    "ratio_min",
-    "ratio_max",
-    "approx_kl",
-    "kl_mask_frac",
-    "cov_selected",
-    "completion_len_mean",
-    "completion_len_max",
-    "truncated_frac",
-    "grad_norm",
-    "loss",
-    "learning_rate",
-    "step_time_s",
-    "tokens_per_s",
-)
-# Written when present.
-EXTRA_KEYS = (
-    "heldout_accuracy",
-    *ROLLOUT_CORRECTION_METRICS,  # vLLM rollouts (docs/rollout-correction.md)
-    "nonfinite_skipped",
-    "rollout",
-    "dynamic_sampling/rounds",
-    "dynamic_sampling/kept_frac",
-    "dynamic_sampling/short",
-    "monitor_warnings",
-    # objective-independent controls (tepo.training.controls, docs/controls.md)
-    "entropy_coef",
-    "tepo_kl_coef",
-    "adaptive_tepo_target",
-    "adaptive_tepo_entropy",
-    "entropy_select_frac",
-    "entropy_select_threshold",
-    "off_policy_mask_frac",
-)
-
-
 def _record(trainer, name: str, value: float) -> None:
-    trainer._metrics["train"][name].append(float(value))
-
-
-def _json_value(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null (a non-finite step is also counted in nonfinite_skipped)."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    trainer.record_metric(name, value)
 
 
 class StepClock(TrainerCallback):
@@ -97,13 +38,13 @@ class StepClock(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
-        self.trainer._tokens_in_step = 0
+        self.trainer.tokens_in_step = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is None:
             return
         seconds = time.perf_counter() - self._t0
-        tokens = float(self.trainer._tokens_in_step)
+        tokens = float(self.trainer.tokens_in_step)
         _record(self.trainer, "step_time_s", seconds)
         _record(self.trainer, "tokens_per_s", tokens / seconds if seconds > 0 else float("nan"))
         self._t0 = None
@@ -269,7 +210,7 @@ class HeldoutEvalCallback(TrainerCallback):
 
 
 class MetricsJsonlWriter(TrainerCallback):
-    """`OUTPUT_DIR/metrics.jsonl`: one JSON object per optimiser step (`step` + METRIC_KEYS + extras).
+    """`OUTPUT_DIR/metrics.jsonl`: one JSON object per optimiser step (`tepo.run_folder.metrics_row`).
 
     Resuming from a checkpoint at step S keeps the rows with step <= S (and drops a torn last line
     left by a crash), so the file stays continuous: no duplicated and no missing steps."""
@@ -285,11 +226,7 @@ class MetricsJsonlWriter(TrainerCallback):
         self.path = Path(self.output_dir or args.output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = [r for r in read_metrics(self.path) if r["step"] <= state.global_step] if self.path.exists() else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
+        write_metrics(self.path, rows)
         self.last_step = rows[-1]["step"] if rows else 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -301,37 +238,8 @@ class MetricsJsonlWriter(TrainerCallback):
         step = int(state.global_step)
         if step <= self.last_step:
             return
-        row = {"step": step}
-        for key in METRIC_KEYS:
-            row[key] = _json_value(logs.get(key))
-        for key in EXTRA_KEYS:
-            if key in logs:
-                row[key] = _json_value(logs[key])
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.path, metrics_row(step, logs))
         self.last_step = step
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is dropped, a bad line elsewhere
-    is an error naming file:line."""
-    path = Path(path)
-    lines = path.read_text().splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("%s:%d: dropping a torn last line", path, number)
-                break
-            raise ValueError(f"{path}:{number}: not a JSON object: {line[:80]!r}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f"{path}:{number}: a row must be a JSON object with an integer 'step'")
-        rows.append(row)
-    return rows
 
 
 class CompactProgressCallback(ProgressCallback):
