@@ -20,35 +20,29 @@ from typing import Any
 
 from trl import GRPOConfig
 
-# Objective hyper-parameters, named as in spec/OBJECTIVES.md. None = the objective's default.
-HPARAM_FIELDS = (
-    "clip_low",
-    "clip_high",
-    "agg",
-    "max_len",
-    "beta_kl",
-    "kl_estimator",
-    "entropy_coef",
-    "tepo_kl_coef",
-    "cov_ratio",
-    "cov_lb",
-    "cov_ub",
-    "kl_cov_coef",
-    "sapo_temperature_pos",
-    "sapo_temperature_neg",
-    "vespo_k_pos",
-    "vespo_lambda_pos",
-    "vespo_k_neg",
-    "vespo_lambda_neg",
-    "log_clip_low",
-    "log_clip_high",
-    "gpg_alpha_rescale",
-)
+from tepo.objectives import default_hparams, list_objectives
+
+# The objectives and their hyper-parameters come from the registry (tepo.objectives): an objective
+# registered there is a valid --objective, and its hyper-parameters are the fields of that name
+# below (docs/objectives.md). TEPOConfig keeps one field per hyper-parameter, each defaulting to None
+# (= the objective's default), so that TrlParser can read them from a command line or a recipe;
+# tests/test_config.py checks that the fields and the registry agree.
+OBJECTIVES: tuple[str, ...] = tuple(list_objectives())
+
+
+def _registry_hparams() -> tuple[str, ...]:
+    """Every hyper-parameter name some objective accepts, the shared ones first."""
+    names: dict[str, None] = {}
+    for objective in OBJECTIVES:
+        names.update(dict.fromkeys(default_hparams(objective)))
+    return tuple(names)
+
+
+HPARAM_FIELDS: tuple[str, ...] = _registry_hparams()
 
 # TRL loss knobs our objective replaces: field -> (value that means "unset", what to use instead).
 REPLACED_TRL_FIELDS: dict[str, tuple[Any, str]] = {
-    "loss_type": (None, "set --objective (grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov, cispo, sapo, "
-                  "luspo, vespo, gmpo, gpg) instead"),
+    "loss_type": (None, f"set --objective ({', '.join(OBJECTIVES)}) instead"),
     "epsilon": (None, "set --clip_low instead"),
     "epsilon_high": (None, "set --clip_high instead"),
     "importance_sampling_level": (None, "set --objective gspo, gspo_token or tepo for sequence-level ratios instead"),
@@ -65,8 +59,7 @@ class TEPOConfig(GRPOConfig):
 
     objective: str = field(
         default="tepo",
-        metadata={"help": "Policy objective: grpo, dapo, dr_grpo, gspo, gspo_token, tepo, clip_cov, kl_cov, "
-                          "cispo, sapo, luspo, vespo, gmpo, gpg."},
+        metadata={"help": f"Policy objective: {', '.join(OBJECTIVES)} (docs/objectives.md)."},
     )
     clip_low: float | None = field(default=None, metadata={"help": "Lower clip: ratio >= 1 - clip_low. None: objective default."})
     clip_high: float | None = field(default=None, metadata={"help": "Upper clip: ratio <= 1 + clip_high. None: objective default."})
