@@ -19,7 +19,7 @@ from tepo.analysis.cli import compare_main
 from tepo.analysis.entropy_law import fit_entropy_law
 from tepo.analysis.runs import accuracy_table, aggregate_over_seeds, load_comparison, moving_average, steps_to_target
 from tepo.analysis.stats import mean_std_ci, seed_matched_t
-from tepo.run_folder import ROLLOUT_CORRECTION_KEYS, read_metrics
+from tepo.run_folder import read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # a fake comparison folder: 2 objectives x 2 seeds whose held-out accuracy follows the entropy law
@@ -278,12 +278,6 @@ def test_the_run_folder_module_imports_without_torch():
             "heavy = [m for m in ('torch', 'transformers', 'trl') if m in sys.modules]; assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-
-
-def test_the_rollout_correction_columns_are_the_trainers():
-    from tepo.training.rollout_correction import METRIC_NAMES
-
-    assert ROLLOUT_CORRECTION_KEYS == METRIC_NAMES
 
 
 # ---------------------------------------------------------------------------------------------

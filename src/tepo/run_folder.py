@@ -67,8 +67,8 @@ METRIC_KEYS = (
     "step_time_s",
     "tokens_per_s",
 )
-# The rollout-correction metrics of vLLM rollouts (docs/rollout-correction.md); the same names as
-# tepo.training.rollout_correction.METRIC_NAMES (a test holds them equal).
+# The rollout-correction metrics of vLLM rollouts (docs/rollout-correction.md;
+# tepo.training.rollout_correction.METRIC_NAMES is this tuple).
 ROLLOUT_CORRECTION_KEYS = (
     "rollout_logp_gap",
     "rollout_logp_gap_max",

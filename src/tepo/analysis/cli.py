@@ -115,7 +115,9 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window for per-step curves (default 5; 1 = raw)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     args = parser.parse_args(argv)
-    if (Path(args.dir) / "metrics.jsonl").is_file() and not (Path(args.dir) / "runs").is_dir():
+    from tepo.run_folder import METRICS_FILE
+
+    if (Path(args.dir) / METRICS_FILE).is_file() and not (Path(args.dir) / "runs").is_dir():
         from tepo.analysis.run_report import build_run_report
 
         try:

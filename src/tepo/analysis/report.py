@@ -117,6 +117,16 @@ def group_colors(groups: Sequence[str]) -> dict[str, Any]:
 
 
 # ---- figures ---------------------------------------------------------------------------------
+def save_figure(fig, path: Path) -> bool:
+    """Lay out, write (PNG, 100 dpi) and close a figure; True, for the plot functions to return."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _scale_y(ax, values: np.ndarray, logy: bool) -> None:
     """Log scale when asked and the data span more than a decade; no offset tick labels; a flat
     line gets a visible range instead of float-rounding noise."""
@@ -163,10 +173,7 @@ def plot_curves(comp: RunSet, panels, path: Path, smooth: int, colors) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_heldout(comp: RunSet, path: Path, colors) -> bool:
@@ -190,10 +197,7 @@ def plot_heldout(comp: RunSet, path: Path, colors) -> bool:
     ax.set_title("held-out accuracy (step 0 = before training)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def entropy_law_points(run: RunData, performance: str, smooth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,10 +263,7 @@ def _plot_entropy_law(law: dict[str, Any], path: Path, colors) -> bool:
     ax.set_title("entropy-performance law R = -a exp(H) + b (lines extend to H = 0)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _plot_pass_curves(comp: RunSet, benches: list[str], path: Path, colors) -> bool:
@@ -300,10 +301,7 @@ def _plot_pass_curves(comp: RunSet, benches: list[str], path: Path, colors) -> b
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 # ---- tables ----------------------------------------------------------------------------------
@@ -463,6 +461,13 @@ figcaption{color:#555;font-size:.88em}code{background:#f5f5f5;padding:0 .2em}.me
 """
 
 
+def html_page(title: str, body: str) -> str:
+    """A self-contained page, CSS inline and no JavaScript; `title` and `body` are HTML (escaped by the caller)."""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1">\n<title>{title}</title><style>{CSS}</style></head>\n'
+            f"<body>\n{body}</body></html>\n")
+
+
 def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, target: float | None = None,
                  smooth: int = 5, confidence: float = 0.95) -> Path:
     """Write `out_dir` (default ROOT/report)/index.html, summary.md and the PNG plots; return index.html's path."""
@@ -525,7 +530,7 @@ def _setup_lines(comp: RunSet) -> list[str]:
 
 
 def _markdown(comp: RunSet, report: Report, result_tables: list[Table]) -> str:
-    parts = [f"## RunSet: {comp.root.resolve().name}", "", *[f"{line}  " for line in _setup_lines(comp)], ""]
+    parts = [f"## Comparison: {comp.root.resolve().name}", "", *[f"{line}  " for line in _setup_lines(comp)], ""]
     parts += [report.tables[k].markdown() for k in ("accuracy", "target", "fit")]
     if result_tables:
         parts.append("### Benchmarks (pass@k etc.)\n")
@@ -544,11 +549,7 @@ def _html(comp: RunSet, report: Report, result_tables: list[Table]) -> str:
 
     meta = "".join(f"<p class=meta>{esc(line)}</p>" for line in _setup_lines(comp))
     bench = ("<h2>Benchmarks</h2>" + "".join(t.html() for t in result_tables) + figures("bench")) if result_tables else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tepo comparison: {esc(comp.root.resolve().name)}</title><style>{CSS}</style></head>
-<body>
-<h1>tepo comparison: {esc(comp.root.resolve().name)}</h1>
+    return html_page(f"tepo comparison: {esc(comp.root.resolve().name)}", f"""<h1>tepo comparison: {esc(comp.root.resolve().name)}</h1>
 <p class=meta>Generated {esc(now)} by <code>tepo report</code> from <code>{esc(str(comp.root.resolve()))}</code>.</p>
 {meta}
 <h2>Summary</h2>
@@ -564,5 +565,4 @@ def _html(comp: RunSet, report: Report, result_tables: list[Table]) -> str:
 {report.tables['monitor'].html()}
 <h2>Runs</h2>
 {report.tables['runs'].html()}
-</body></html>
-"""
+""")

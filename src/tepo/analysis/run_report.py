@@ -36,6 +36,8 @@ def _plot(run: RunData, path: Path, smooth: int) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from tepo.analysis.report import save_figure
+
     panels = []
     for title, lines, pct in PANELS:
         series = []
@@ -72,10 +74,7 @@ def _plot(run: RunData, path: Path, smooth: int) -> bool:
     if verdicts:
         marks = "; ".join(f"{v.get('kind')} at step {v.get('first_step')}" for v in verdicts)
         fig.suptitle(f"dashed: stability monitor verdicts ({marks})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _first_last(run: RunData, key: str, n: int = 5) -> tuple[float, float]:
@@ -96,7 +95,7 @@ def build_run_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     import matplotlib
 
     matplotlib.use("Agg")
-    from tepo.analysis.report import CSS, Table
+    from tepo.analysis.report import Table, html_page
 
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
@@ -137,17 +136,12 @@ def build_run_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | No
               'Held-out accuracy at step 0 is before training.</figcaption></figure>') if plotted else "<p>No metrics logged yet.</p>"
     command = esc(str(info.get("command", "")))
     index = out / "index.html"
-    index.write_text(f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tepo run: {esc(run_dir.resolve().name)}</title><style>{CSS}</style></head>
-<body>
-<h1>tepo run: {esc(run_dir.resolve().name)}</h1>
+    index.write_text(html_page(f"tepo run: {esc(run_dir.resolve().name)}", f"""<h1>tepo run: {esc(run_dir.resolve().name)}</h1>
 <p class=meta>Generated {esc(now)} by <code>tepo report</code> from <code>{esc(str(run_dir.resolve()))}</code>.</p>
 <p class=meta><code>{command}</code></p>
 {summary.html()}
 {figure}
 {monitor.html()}
-</body></html>
-""")
+"""))
     return index
 

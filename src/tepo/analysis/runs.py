@@ -225,7 +225,7 @@ def heldout_series(run: RunData) -> tuple[np.ndarray, np.ndarray]:
 def final_accuracy(run: RunData) -> tuple[float, str]:
     """The run's final held-out accuracy and where it came from."""
     if run.eval_after is not None:
-        return float(run.eval_after["accuracy"]), "eval_after.json"
+        return float(run.eval_after["accuracy"]), EVAL_AFTER_FILE
     steps, values = run.series("heldout_accuracy")
     if values.size:
         return float(values[-1]), f"metrics.jsonl, step {int(steps[-1])}"

@@ -62,11 +62,6 @@ def load_test_verdicts(path: Path) -> tuple[list[str], np.ndarray]:
     return [str(i) for i in ids], values
 
 
-def steps_to_target(data: RunData, target: float) -> tuple[float, bool]:
-    """Steps to the target validation accuracy, by the one rule (`tepo.analysis.runs.steps_to_reach`)."""
-    return steps_to_reach(*heldout_series(data), target)
-
-
 def end_entropy(data: RunData) -> float:
     _, values = data.series("entropy_mean")
     return float(values[-ENTROPY_LAST_STEPS:].mean()) if values.size else math.nan
@@ -124,7 +119,7 @@ def compute(study: Study, *, confidence: float = 0.95, replicates: int = DEFAULT
     if arms:
         accuracy = paired_bootstrap({a: np.stack([f.verdicts for f in finals[a]]) for a in arms},
                                     confidence=confidence, replicates=replicates, seed=seed)
-        stt = {a: [steps_to_target(f.data, study.target) for f in finals[a]] for a in arms}
+        stt = {a: [steps_to_reach(*heldout_series(f.data), study.target) for f in finals[a]] for a in arms}  # the one rule
         steps = seed_bootstrap({a: np.asarray([s for s, _ in stt[a]]) for a in arms},
                                confidence=confidence, replicates=replicates, seed=seed)
         entropy = seed_bootstrap({a: np.asarray([end_entropy(f.data) for f in finals[a]]) for a in arms},
@@ -372,6 +367,8 @@ def sync_readme(path: Path, study: Study, tabs, regen: str, *, check: bool = Fal
 def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
+    from tepo.analysis.report import save_figure
+
     pairs = [p for p in result.get("pairs", {}).get("test_accuracy_t") or [] if p["low"] is not None]
     if not pairs:
         return False
@@ -384,10 +381,7 @@ def _plot_differences(result: dict[str, Any], path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel(f"test accuracy difference (points), {100 * result['confidence']:g}% t-interval over seeds")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _setting_label(k: int, options: dict) -> str:
@@ -402,6 +396,8 @@ def _setting_label(k: int, options: dict) -> str:
 
 def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
+
+    from tepo.analysis.report import save_figure
 
     arms = [(a, t) for a, t in result["tuning"].items() if any(s["mean"] is not None for s in t["settings"])]
     if not arms:
@@ -430,10 +426,7 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> bool:
     if before is not None:
         title += f"; dashed: before training ({100 * before:.1f}%)"
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def build_study_report(study: Study, out_dir: str | None = None, *, confidence: float = 0.95,
@@ -462,7 +455,7 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     import matplotlib
 
     matplotlib.use("Agg")
-    from tepo.analysis.report import CSS, CURVES, group_colors, plot_curves, plot_heldout
+    from tepo.analysis.report import CURVES, group_colors, html_page, plot_curves, plot_heldout
 
     result = compute(study, confidence=confidence, replicates=replicates, seed=seed)
     out = Path(out_dir) if out_dir else study.results_dir / "report"
@@ -506,17 +499,12 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     figs = "".join(f'<figure><img src="{esc(f)}" alt="{esc(c)}"><figcaption>{esc(c)}</figcaption></figure>' for f, c in figures)
     body = "".join(t.html() for _, t in tabs) or "<p>No finished runs yet.</p>"
     index = out / "index.html"
-    index.write_text(f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tepo study: {esc(study.name)}</title><style>{CSS}</style></head>
-<body>
-<h1>tepo study: {esc(study.name)}</h1>
+    index.write_text(html_page(f"tepo study: {esc(study.name)}", f"""<h1>tepo study: {esc(study.name)}</h1>
 <p class=meta>{esc(study.description.strip())}</p>
 <p class=meta>{esc(status)} Generated {esc(now)} from <code>{esc(shown_results)}</code>; regenerate with <code>{esc(regen)}</code>.</p>
 <h2>Results</h2>
 {body}
 <h2>Plots</h2>
 {figs or "<p>No plots yet.</p>"}
-</body></html>
-""")
+"""))
     return index, tabs

@@ -14,8 +14,9 @@ _EXPORTS = {
     "MetricsJsonlWriter": "tepo.training.callbacks",
     "NonFiniteGuard": "tepo.training.callbacks",
     "HeldoutEvalCallback": "tepo.training.callbacks",
-    "read_metrics": "tepo.training.callbacks",
-    "METRIC_KEYS": "tepo.training.callbacks",
+    "StabilityMonitorCallback": "tepo.training.monitor",
+    "read_metrics": "tepo.run_folder",  # the run folder's format, torch-free
+    "METRIC_KEYS": "tepo.run_folder",
     "stock_trl_config": "tepo.training.stock",
 }
 

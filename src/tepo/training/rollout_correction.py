@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tepo.run_folder import ROLLOUT_CORRECTION_KEYS as METRIC_NAMES  # the metrics.jsonl columns of this module
+
 # vllm_importance_sampling_mode -> (level, kind). TRL's four, and the geometric-mean sequence mask.
 MODES: dict[str, tuple[str, str]] = {
     "token_truncate": ("token", "truncate"),
@@ -30,16 +32,6 @@ MODES: dict[str, tuple[str, str]] = {
     "sequence_mask": ("sequence", "mask"),
     "geometric_mask": ("geometric", "mask"),
 }
-
-METRIC_NAMES = (
-    "rollout_logp_gap",
-    "rollout_logp_gap_max",
-    "rollout_is_ratio_mean",
-    "rollout_is_ratio_min",
-    "rollout_is_ratio_max",
-    "rollout_is_masked_frac",
-    "rollout_is_truncated_frac",
-)
 
 
 def level_log_ratio(delta: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
