@@ -41,6 +41,24 @@ def test_train_validation_test_are_disjoint_by_content_and_deterministic():
     assert make_problems(400, levels=(1, 2), split="test", seed=0) == make_problems(400, levels=(1, 2), split="test", seed=0)
 
 
+def test_the_studys_test_split_repeats_163_training_operations_in_other_words():
+    """docs/results.md's claim: the split key includes the template, so 163 of tepo-arith's 400 test
+    problems have the operation and operands of a training problem (under another template)."""
+    from tepo.tasks import load_task
+
+    train = load_task(task="arithmetic", split="train", reserve_validation=True, seed=0, levels=(1, 2))
+    test = load_task(task="arithmetic", split="test", seed=0, num_problems=400, levels=(1, 2))
+    check_disjoint({"train": train, "test": test})  # disjoint by (template, operands)
+
+    def operation(problem):
+        template, operands = problem["content"].split("|")
+        return template.split("-")[0], operands  # add-find|3,4 -> (add, "3,4")
+
+    seen = {operation(p) for p in train}
+    assert sum(operation(p) in seen for p in test) == 163
+    assert "163 of the 400 test problems" in " ".join((ROOT / "docs" / "results.md").read_text().split())
+
+
 def test_check_disjoint_compares_text_and_content_not_ids():
     a = [{"id": "1", "problem": "Ava has 3 marbles.  How many?", "answer": "3"}]
     with pytest.raises(ValueError, match="same text"):
