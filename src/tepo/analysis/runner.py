@@ -266,15 +266,19 @@ def _score(study: Study, run: StudyRun) -> str:
 
 
 def train_one(study: Study, run: StudyRun, *, runner: Runner, train_command: Sequence[str], cpu_lock: str | None,
-              echo: Callable[[str], None], prefix: str, slot: Slot | None = None, fresh_start: bool = False) -> str:
-    """Train one run under its lock; store its small files. Its status: done, failed, or busy (another
-    runner holds it; nothing done here)."""
+              echo: Callable[[str], None], prefix: str, slot: Slot | None = None, fresh_start: bool = False,
+              retry_failed: bool = False) -> str:
+    """Train one run under its lock; store its small files. Its status: done, failed, busy (another
+    runner holds it) or skipped (another runner ended it since it was planned); nothing is done for
+    the last two."""
     with run_lock(lock_path(study, run)) as mine:
         if not mine:
             echo(f"{prefix} {run.key}: another runner is training it; leaving it to that one")
             return "busy"
-        if run_status(study, run) == "done":  # finished by another runner meanwhile
-            return "done"
+        status = run_status(study, run)  # another runner may have ended it since it was planned
+        if status == "done" or (status == "failed" and not retry_failed):
+            echo(f"{prefix} {run.key}: {status} by another runner meanwhile")
+            return "skipped"
         return _train_locked(study, run, runner=runner, train_command=train_command, cpu_lock=cpu_lock, echo=echo,
                              prefix=prefix, slot=slot or Slot(), fresh_start=fresh_start)
 
@@ -427,11 +431,13 @@ def _run_batch(study: Study, todo: Sequence[StudyRun], stage: str, o: Options, r
         while (item := take()) is not None:
             index, run = item
             status = train_one(study, run, runner=runner, train_command=command, cpu_lock=o.cpu_lock, echo=echo,
-                               prefix=f"[{stage} {index}/{len(todo)}]", slot=slot, fresh_start=o.fresh_start)
+                               prefix=f"[{stage} {index}/{len(todo)}]", slot=slot, fresh_start=o.fresh_start,
+                               retry_failed=o.retry_failed)
             with state_lock:
-                if status == "busy":
-                    busy.append(run)
-                    state["busy"] += 1
+                if status in ("busy", "skipped"):
+                    if status == "busy":
+                        busy.append(run)
+                        state["busy"] += 1
                     continue
                 state["trained"] += 1
                 if status == "failed" and o.fail_fast:
