@@ -598,16 +598,11 @@ KILLING_TRAIN = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow
-def test_tiny_model_study_killed_resumes_skips_finished_runs_and_reports(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _tiny_llm import save_tiny
-
-    model = save_tiny(tmp_path / "model")
-    (tmp_path / "train.py").write_text(KILLING_TRAIN)
-    study = tmp_path / "tiny.yaml"
+def tiny_study(tmp_path: Path, model: Path, name: str, *, final_seeds: str, tuning: str = "") -> Path:
+    """A study file on the tiny model: 2 steps a run, grpo and tepo, 4 validation and 6 test problems."""
+    study = tmp_path / f"{name}.yaml"
     study.write_text(textwrap.dedent(f'''
-        name: tiny
+        name: {name}
         model: {model}
         base: {{task: arithmetic, levels: "1", num_problems: 32, max_steps: 2, per_device_train_batch_size: 8,
                 num_generations: 4, steps_per_generation: 2, max_completion_length: 8, bf16: false,
@@ -618,15 +613,23 @@ def test_tiny_model_study_killed_resumes_skips_finished_runs_and_reports(tmp_pat
         arms:
           grpo: {{objective: grpo}}
           tepo: {{objective: tepo}}
-        tuning:
-          seeds: [0]
-          grid:
-            tepo: [{{clip_low: 3.0e-4, clip_high: 4.0e-4}}, {{clip_low: 0.2, clip_high: 0.28}}]
         final:
-          seeds: [1]
+          seeds: {final_seeds}
         results_dir: {tmp_path / "results"}
         runs_dir: {tmp_path / "runs"}
-    '''))
+    ''') + (f"tuning: {tuning}\n" if tuning else ""))
+    return study
+
+
+@pytest.mark.slow
+def test_tiny_model_study_killed_resumes_skips_finished_runs_and_reports(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_llm import save_tiny
+
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "train.py").write_text(KILLING_TRAIN)
+    study = tiny_study(tmp_path, model, "tiny", final_seeds="[1]",
+                       tuning="{seeds: [0], grid: {tepo: [{clip_low: 3.0e-4, clip_high: 4.0e-4}, {clip_low: 0.2, clip_high: 0.28}]}}")
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, TRAIN_CALLS=str(calls), KILL_STUDY_AT="tuning/tepo/g1", PYTHONPATH=str(ROOT / "src"))
     command = [sys.executable, "-m", "tepo.cli", "study", "run", str(study), "--train_command", f"{sys.executable} {tmp_path / 'train.py'}"]
@@ -658,31 +661,8 @@ def test_tiny_model_two_runners_at_once_train_each_run_once(tmp_path):
     from _tiny_llm import save_tiny
 
     model = save_tiny(tmp_path / "model")
-    (tmp_path / "train.py").write_text(textwrap.dedent('''
-        import os, sys
-        with open(os.environ["TRAIN_CALLS"], "a") as f:
-            f.write(sys.argv[sys.argv.index("--output_dir") + 1] + "\\n")
-        from tepo.cli import main
-        sys.exit(main(["train", *sys.argv[1:]]))
-    '''))
-    study = tmp_path / "tiny.yaml"
-    study.write_text(textwrap.dedent(f'''
-        name: tiny2
-        model: {model}
-        base: {{task: arithmetic, levels: "1", num_problems: 32, max_steps: 2, per_device_train_batch_size: 8,
-                num_generations: 4, steps_per_generation: 2, max_completion_length: 8, bf16: false,
-                report_to: none, learning_rate: 1.0e-3, heldout_eval_steps: 1, save_strategy: "no"}}
-        validation_problems: 4
-        test_problems: 6
-        target: 0.5
-        arms:
-          grpo: {{objective: grpo}}
-          tepo: {{objective: tepo}}
-        final:
-          seeds: [1, 2]
-        results_dir: {tmp_path / "results"}
-        runs_dir: {tmp_path / "runs"}
-    '''))
+    (tmp_path / "train.py").write_text(KILLING_TRAIN)  # with no KILL_STUDY_AT: it only records the runs
+    study = tiny_study(tmp_path, model, "tiny2", final_seeds="[1, 2]")
     calls = tmp_path / "calls.txt"
     env = dict(os.environ, TRAIN_CALLS=str(calls), PYTHONPATH=str(ROOT / "src"))
     command = [sys.executable, "-m", "tepo.cli", "study", "run", str(study), "--train_command", f"{sys.executable} {tmp_path / 'train.py'}"]

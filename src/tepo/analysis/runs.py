@@ -87,15 +87,17 @@ class RunData:
 
 @dataclass
 class RunSet:
-    """Runs grouped by objective (or study arm); `state` is a comparison's compare.json ({} otherwise)."""
+    """Runs grouped by objective (a study's runs: by arm, `RunData.objective` holding the arm's name),
+    the unit the tables and plots take. `state` is a comparison's compare.json ({} otherwise)."""
 
     root: Path
     runs: list[RunData]
     state: dict = field(default_factory=dict)
+    order: list[str] | None = None  # the groups' order (default: compare.json's objectives, then as found)
 
     @property
     def objectives(self) -> list[str]:
-        planned = self.state.get("objectives") or []
+        planned = self.order or self.state.get("objectives") or []
         seen = [r.objective for r in self.runs]
         return list(dict.fromkeys([o for o in planned if o in seen] + seen))
 

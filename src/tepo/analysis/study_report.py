@@ -463,8 +463,7 @@ def write_study_report(study: Study, out_dir: str | None = None, *, confidence: 
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     tabs = tables(study, result)
     finals = load_finals(study)
-    comp = RunSet(root=study.results_dir, runs=[f.data for fs in finals.values() for f in fs],
-                  state={"objectives": list(study.arms)})  # the final runs, grouped by arm
+    comp = RunSet(root=study.results_dir, runs=[f.data for fs in finals.values() for f in fs], order=list(study.arms))
     figures = []
     colors = group_colors(list(study.arms))
     if comp.runs and plot_heldout(comp, out / "validation_accuracy.png", colors):
