@@ -34,23 +34,33 @@ class FakeTrainer:
         self.accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
         self.current_gradient_accumulation_steps = accumulation
         self.args = SimpleNamespace(steps_per_generation=len(buffer) if buffer else 1, gradient_checkpointing_kwargs=None)
-        self._step = step
-        self._buffered_inputs = buffer
+        self.micro_step = step
+        self.rollout_buffer = buffer
         self._entropies_of = entropies_of or {}
-        self._loss_hparams = dict(hparams or {})
-        self._metrics = {"train": __import__("collections").defaultdict(list)}
+        self.loss_hparams = dict(hparams or {})
+        self.metrics = {"train": __import__("collections").defaultdict(list)}
         self.token_weights = []
         self.scored = []
 
-    def _pi_old(self, inputs, logp, entropy):  # TEPOTrainer's rule, on-policy when nothing was recorded
+    # TEPOTrainer's public surface for plugins
+    def loss_hparam(self, name):
+        return self.loss_hparams[name]
+
+    def set_loss_hparam(self, name, value):
+        self.loss_hparams[name] = value
+
+    def record_metric(self, name, value, mode="train"):
+        self.metrics[mode][name].append(float(value))
+
+    def pi_old(self, inputs, logp, entropy):  # TEPOTrainer's rule, on-policy when nothing was recorded
         recorded = inputs.get("old_per_token_logps")
         return (logp, entropy) if recorded is None else (recorded, inputs.get("old_entropy"))
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
-        key = int(input_ids[0, 0])  # each fake micro-batch is tagged by its first prompt id
+    def score_batch(self, model, batch, *, chunk=None, compute_entropy=True):
+        key = int(batch["prompt_ids"][0, 0])  # each fake micro-batch is tagged by its first prompt id
         self.scored.append(key)
         entropy = self._entropies_of[key]
-        return torch.zeros_like(entropy), entropy, None
+        return torch.zeros_like(entropy), entropy
 
 
 def micro_batch(tag: int, mask: torch.Tensor) -> dict:
@@ -106,7 +116,7 @@ def test_token_selection_quantile_is_over_the_whole_optimiser_step():
     assert trainer.scored == [1]
     assert m0["entropy_select_threshold"] == pytest.approx(0.5)
     assert w0.tolist() == [[0, 0, 0]]  # micro-batch 0 alone would keep its top 40% (0.3)
-    trainer._step = 1
+    trainer.micro_step = 1
     w1, m1 = piece(trainer, {}, logp=e1, entropy=e1, mask=mask1)
     assert trainer.scored == [1]  # no second scoring pass
     assert m1["entropy_select_threshold"] == pytest.approx(0.5)
@@ -180,7 +190,7 @@ def run_steps(controller, trainer, entropies):
     """Feed one step of entropy H each (one token), end the step; the coefficients each step used."""
     used = []
     for h in entropies:
-        used.append(trainer._loss_hparams[controller.hparam])
+        used.append(trainer.loss_hparams[controller.hparam])
         feed(trainer, controller.meter, [[h]], [[1]])
         controller.on_step_end(None, None, None)
     return used
@@ -195,8 +205,8 @@ def test_adaptive_entropy_coefficient_sequence_worked_by_hand():
     used = run_steps(ctl, trainer, [0.4, 0.3, 0.2, 0.6, 0.7, 0.1])
     assert used == pytest.approx([0.0, 0.15, 0.2, 0.2, 0.0, 0.0])
     assert ctl.coef == pytest.approx(0.15)  # 0.1 -> H 0.1 <= 0.5: 0.15
-    assert trainer._loss_hparams["entropy_coef"] == pytest.approx(0.15)
-    assert trainer._metrics["train"]["entropy_coef"] == pytest.approx(used)  # logged every step
+    assert trainer.loss_hparams["entropy_coef"] == pytest.approx(0.15)
+    assert trainer.metrics["train"]["entropy_coef"] == pytest.approx(used)  # logged every step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +230,8 @@ def test_adaptive_tepo_controller_worked_by_hand():
     used = run_steps(ctl, trainer, [0.8, 0.7, 0.61, 0.45, 0.48, 0.66, 0.9])
     assert used == pytest.approx([0.0, 0.0, 0.0, 0.0, 2.5, 4.0, 3.0])
     assert ctl.target == pytest.approx(0.6)
-    assert trainer._loss_hparams["tepo_kl_coef"] == 0.0
-    logged = trainer._metrics["train"]
+    assert trainer.loss_hparams["tepo_kl_coef"] == 0.0
+    logged = trainer.metrics["train"]
     assert logged["tepo_kl_coef"] == pytest.approx(used)
     assert logged["adaptive_tepo_target"] == pytest.approx([0.6] * 7)
     assert logged["adaptive_tepo_entropy"] == pytest.approx([0.8, 0.7, 0.61, 0.45, 0.48, 0.66, 0.9])
@@ -236,7 +246,7 @@ def test_controller_state_round_trips_through_trainer_state():
     fresh = AdaptiveTEPOKLCoef(fresh_trainer, initial=0.0, target=None, target_ratio=0.75, rate=10.0, high=100.0)
     fresh.on_step_begin(None, SimpleNamespace(stateful_callbacks={"AdaptiveTEPOKLCoef": saved}), None)
     assert (fresh.coef, fresh.target) == pytest.approx((2.5, 0.6))
-    assert fresh_trainer._loss_hparams["tepo_kl_coef"] == pytest.approx(2.5)
+    assert fresh_trainer.loss_hparams["tepo_kl_coef"] == pytest.approx(2.5)
 
 
 # ----------------------------------------------------------------------------------------------

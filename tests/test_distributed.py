@@ -35,10 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tiny_llm, also when
 
 import tepo.training.cli as _cli_module  # noqa: E402
 from tepo.objectives import policy_loss  # noqa: E402
+from tepo.training.batch import loss_mask, optimizer_step_window, step_micro_batches  # noqa: E402
 from tepo.training.distributed import (  # noqa: E402
     end_process_group_run,
-    loss_mask,
-    optimizer_step_window,
     process_group_size,
     shutdown_distributed,
     sum_across_processes,
@@ -121,7 +120,8 @@ def test_nonfinite_guard_under_deepspeed_takes_its_verdict(applied):
 
     trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), is_deepspeed_enabled=True,
                               deepspeed=SimpleNamespace(was_step_applied=lambda: applied),
-                              _metrics={"train": defaultdict(list)})
+                              metrics={"train": defaultdict(list)})
+    trainer.record_metric = lambda name, value: trainer.metrics["train"][name].append(float(value))
     guard = NonFiniteGuard(trainer, max_consecutive=3)
     state, control = TrainerState(), TrainerControl()
     guard.on_step_begin(None, state, control)
@@ -132,7 +132,7 @@ def test_nonfinite_guard_under_deepspeed_takes_its_verdict(applied):
     else:
         guard.on_pre_optimizer_step(None, state, control)
         assert (guard.skipped, guard.consecutive) == (1, 1)
-        assert trainer._metrics["train"]["nonfinite_skipped"] == [1.0]
+        assert trainer.metrics["train"]["nonfinite_skipped"] == [1.0]
 
 
 @pytest.mark.parametrize("num, world", [(5, 2), (7, 3), (1, 2), (4, 4)])
@@ -263,7 +263,7 @@ def test_end_process_group_run_lets_exit_handlers_close_first_then_leaves_withou
 
 
 def _fake_trainer(*, step, grad_accum, spg, buffer, training=True):
-    """The attributes of TRL's GRPOTrainer that `token_mean_scale` reads; one process."""
+    """The attributes of TEPOTrainer that `token_mean_scale` reads; one process."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -271,7 +271,7 @@ def _fake_trainer(*, step, grad_accum, spg, buffer, training=True):
     return SimpleNamespace(
         model=SimpleNamespace(training=training), accelerator=Accelerator(cpu=True),
         current_gradient_accumulation_steps=grad_accum, args=SimpleNamespace(steps_per_generation=spg),
-        _step=step, _buffered_inputs=buffer,
+        step_micro_batches=lambda: step_micro_batches(buffer, step, grad_accum, spg),
     )
 
 
@@ -481,6 +481,7 @@ def run_scripted(output_dir, *, objective, hparams, per_device, grad_accum, step
         "stopped_at": trainer.nonfinite_guard.stopped_at,
         "grad_accum": grad_accum,
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "shared_prefix": trainer.shared_prefix,
     }
 
 
@@ -659,6 +660,20 @@ def test_two_processes_match_one_process(two_process_runs, tmp_path_factory, vid
     assert tokens[0] != tokens[1], "both processes hold equal token counts: the test would prove little"
     ref = reference_run(tmp_path_factory.mktemp("ref"), objective, hp, steps_per_generation=1, max_steps=2)
     assert_same_steps(runs, ref)
+
+
+@pytest.mark.slow
+def test_two_processes_with_shared_prefix_match_the_plain_path(two_process_runs, tmp_path_factory):
+    """The two-process runs above train with shared_prefix on (the default; DDP runs it, DeepSpeed
+    falls back to the plain path): the same steps as one process on the plain path."""
+    engine, out = two_process_runs
+    vid, objective, hp = VARIANTS[1]
+    runs = [torch.load(out / f"{vid}-rank{r}.pt") for r in range(2)]
+    assert all(r["shared_prefix"] == (engine == "ddp") for r in runs)
+    plain = reference_run(tmp_path_factory.mktemp("plain"), objective, {**hp, "shared_prefix": False},
+                          steps_per_generation=1, max_steps=2)
+    assert plain["shared_prefix"] is False
+    assert_same_steps(runs, plain)
 
 
 @pytest.mark.slow

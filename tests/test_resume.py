@@ -141,7 +141,7 @@ def test_resuming_mid_rollout_scores_a_fresh_rollout_and_its_first_step_is_on_po
     tr = TEPOTrainer(model=tiny_model(tok), reward_funcs=parity_reward,
                      args=small_config(out, max_steps=2, save_strategy="steps", save_steps=1),
                      train_dataset=prompt_dataset(), processing_class=tok)
-    real = tr._score_round
+    real = tr.score_round
     rounds = []
 
     def perturbed(inputs):
@@ -150,7 +150,7 @@ def test_resuming_mid_rollout_scores_a_fresh_rollout_and_its_first_step_is_on_po
         batch["old_per_token_logps"] = batch["old_per_token_logps"] + 1e-3
         return batch, rewards, stats
 
-    tr._score_round = perturbed
+    tr.score_round = perturbed
     tr.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert rounds == [1]  # a fresh rollout at the resumed step
     row = read_metrics(out / "metrics.jsonl")[1]

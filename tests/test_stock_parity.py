@@ -68,7 +68,9 @@ def train(trainer_cls, config, model_dir) -> tuple[list[float], torch.Tensor]:
 
 def both(tmp_path, model_dir, shape: dict, **tepo_fields):
     """TEPOTrainer with TEPOConfig(**tepo_fields) and stock TRL's trainer (GRPOTrainer; GMPOTrainer for
-    gmpo) with `stock_trl_config` of it."""
+    gmpo) with `stock_trl_config` of it. Ours runs the plain path (shared_prefix=False, the same
+    computation as stock TRL's, bit for bit) unless tepo_fields says otherwise."""
+    tepo_fields.setdefault("shared_prefix", False)
     ours = TEPOConfig(output_dir=str(tmp_path / "tepo"), **SETTINGS, **shape, **tepo_fields)
     stock = stock_trl_config(ours)
     stock.output_dir = str(tmp_path / "stock")
@@ -104,6 +106,20 @@ def test_same_steps_as_stock_trl(tmp_path, model_dir, objective, extra):
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=1e-6)
     exact = objective not in ("gspo_token", "tepo")
     torch.testing.assert_close(w_ours, w_stock, rtol=0, atol=0 if exact else 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["grpo", "dapo"])
+def test_shared_prefix_takes_stock_trls_steps_to_float32_rounding(tmp_path, model_dir, objective):
+    """The shared-prefix path (on by default) against stock TRL: the same steps up to the rounding of
+    a different summation order in attention."""
+    (ours, w_ours), (stock, w_stock) = both(tmp_path, model_dir, ONE_STEP_PER_ROLLOUT, objective=objective,
+                                           shared_prefix=True)
+    assert weights_moved(model_dir, w_ours)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=1e-6)
+    # AdamW divides each gradient by its running scale, so float32 rounding in a near-zero gradient
+    # moves that weight by up to ~lr-sized amounts (here lr = 1e-2: differences of ~1e-5 seen)
+    torch.testing.assert_close(w_ours, w_stock, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -209,14 +209,14 @@ def test_loss_is_policy_loss_on_trl_tensors(tmp_path, monkeypatch):
     reward = RecordedReward()
     tr = make_trainer(tmp_path, reward=reward, objective="tepo", tepo_kl_coef=0.5, clip_high=0.01, max_steps=2)
     scored = []
-    real_score_round = tr._score_round
+    real_score_round = tr.score_round
 
     def score_round(inputs):
         batch, rewards, stats = real_score_round(inputs)
         scored.append(batch)
         return batch, rewards, stats
 
-    tr._score_round = score_round
+    tr.score_round = score_round
     rollout_time_model = copy.deepcopy(tr.model).eval()  # the weights the rollout is sampled and scored with
     tr.train()
     assert len(calls) == 2 and all(c["name"] == "tepo" for c in calls)
@@ -337,7 +337,7 @@ def perturb_recorded_pi_old(trainer, size=1e-3):
     training pass by `size`, as compilation or another attention backend can; returns the recorded
     (perturbed) tensors of each rollout."""
     recorded = []
-    real = trainer._score_round
+    real = trainer.score_round
 
     def score_round(inputs):
         batch, rewards, stats = real(inputs)
@@ -346,7 +346,7 @@ def perturb_recorded_pi_old(trainer, size=1e-3):
         recorded.append((batch["old_per_token_logps"], batch["old_entropy"]))
         return batch, rewards, stats
 
-    trainer._score_round = score_round
+    trainer.score_round = score_round
     return recorded
 
 

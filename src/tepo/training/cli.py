@@ -367,7 +367,7 @@ def _train(argv: list[str]) -> int:
     if done:  # transformers would run one more step past max_steps when resumed at the end
         _say(f"tepo train: {resume} is already at max_steps={config.max_steps}; nothing to train")
         trainer.state.global_step = _checkpoint_step(resume)
-        trainer._load_from_checkpoint(resume)
+        trainer.load_checkpoint(resume)
     else:
         trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_started

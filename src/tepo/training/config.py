@@ -104,6 +104,16 @@ class TEPOConfig(GRPOConfig):
         },
     )
     max_resample_rounds: int = field(default=3, metadata={"help": "Dynamic sampling: most refill rounds per rollout batch."})
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Forward each distinct prompt of a micro-batch once and let its completions attend to it "
+            "(training pass, pi_old pass, reference pass, and the prefill of Hugging Face generation): the same "
+            "log-probs, entropies and gradients as the plain path to float32 rounding, fewer tokens computed. "
+            "false: exactly the plain path. Where it cannot apply, one log line says why and the plain path "
+            "runs (tepo.training.shared_prefix)."
+        },
+    )
     heldout_eval_steps: int = field(
         default=0,
         metadata={"help": "Greedy held-out accuracy every N optimiser steps during training (0: never)."},

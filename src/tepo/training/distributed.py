@@ -20,7 +20,7 @@ ranks) and k accumulated micro-batches (the trainer divides each loss by k):
   same factor makes it exact (with agg=token-mean, TEPO's default).
 
 N_step is gathered across processes (`sum_across_processes`); over accumulated micro-batches it is
-read from TRL's rollout buffer (`optimizer_step_window`). TRL's own "dapo" loss uses the rollout's
+read from TRL's rollout buffer (`tepo.training.batch.step_micro_batches`). TRL's own "dapo" loss uses the rollout's
 global count divided evenly between its optimiser steps, which is exact only with one optimiser step
 per rollout; the buffer gives the exact count whenever an optimiser step does not straddle two
 rollouts (steps_per_generation a multiple of gradient_accumulation_steps), and that estimate is the
@@ -34,10 +34,12 @@ term when agg is not token-mean; the metrics `policy_loss` returns (the trainer 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from tepo.training.batch import loss_mask
 
 
 def token_mean_rescale(local_tokens: float | Tensor, global_tokens: float | Tensor, world_size: int,
@@ -77,42 +79,17 @@ def sum_across_processes(accelerator, value: float | int | Tensor) -> Tensor:
     return accelerator.reduce(count, reduction="sum")
 
 
-def loss_mask(inputs: Mapping[str, Any]) -> Tensor:
-    """(B, T) the tokens the loss counts: completion_mask, times tool_mask when present (as TRL)."""
-    mask = inputs["completion_mask"]
-    tool_mask = inputs.get("tool_mask")
-    return mask if tool_mask is None else mask * tool_mask
-
-
-def optimizer_step_window(micro_step: int, grad_accum: int, steps_per_generation: int) -> range | None:
-    """Positions, in TRL's buffer of `steps_per_generation` micro-batches of one rollout, of the
-    micro-batches that form the optimiser step containing micro-batch number `micro_step` (TRL's
-    `_step`, counted from 0 on this process). None when optimiser steps can straddle two rollouts
-    (steps_per_generation not a multiple of grad_accum): the later rollout does not exist yet."""
-    for name, value, low in (("micro_step", micro_step, 0), ("grad_accum", grad_accum, 1),
-                             ("steps_per_generation", steps_per_generation, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-    if steps_per_generation % grad_accum:
-        return None
-    index = micro_step % steps_per_generation
-    start = index - index % grad_accum
-    return range(start, start + grad_accum)
-
-
 def step_token_count(trainer, inputs: Mapping[str, Any]) -> Tensor | float:
     """Valid tokens of the current optimiser step over all processes and accumulated micro-batches.
 
-    Exact from TRL's rollout buffer (`trainer._buffered_inputs`, indexed by `trainer._step`) when the
-    step lies inside one rollout; otherwise TRL's estimate, the rollout's global count
+    Exact from TRL's rollout buffer (`trainer.step_micro_batches()`) when the step lies inside one rollout; otherwise TRL's estimate, the rollout's global count
     (`inputs["num_items_in_batch"]`) shared evenly between its micro-batches. Collective: every
     process must call it for every micro-batch."""
     spg = int(trainer.args.steps_per_generation)
     k = int(trainer.current_gradient_accumulation_steps)
-    window = optimizer_step_window(int(trainer._step), k, spg)
-    buffer: Sequence[Mapping[str, Any]] | None = getattr(trainer, "_buffered_inputs", None)
-    if window is not None and buffer is not None and len(buffer) == spg:
-        local = sum(loss_mask(buffer[i]).sum() for i in window)
+    micro_batches = trainer.step_micro_batches()
+    if micro_batches is not None:
+        local = sum(loss_mask(batch).sum() for batch in micro_batches)
         return sum_across_processes(trainer.accelerator, local)
     return inputs["num_items_in_batch"] * k / spg
 

@@ -6,7 +6,7 @@ pass, so no extra pass):  H_k = sum_{step's tokens} entropy / (number of those t
 
 `EntropyCoefController` is the shared machinery: a TrainerCallback that, at the end of step k,
 logs the coefficient the step's loss used, updates its state from H_k, and writes the coefficient
-for step k+1 into `TEPOTrainer._loss_hparams`; its state travels in checkpoints (trainer_state.json's
+for step k+1 with `trainer.set_loss_hparam`; its state travels in checkpoints (trainer_state.json's
 stateful_callbacks). `AdaptiveEntropyCoef` (below) is Skywork-OR1's controller of the entropy
 bonus, TRL's `use_adaptive_entropy`; `tepo.training.adaptive_tepo` controls TEPO's KL mask.
 Formulas, defaults and the differences from TRL: docs/controls.md.
@@ -60,7 +60,7 @@ def skywork_applied(coef: float, last_entropy: float, target: float) -> float:
 
 
 class EntropyCoefController(TrainerCallback, ExportableState):
-    """Base: sets `trainer._loss_hparams[hparam]` once per optimiser step from the step's entropy.
+    """Base: sets the loss hyper-parameter `hparam` (`trainer.set_loss_hparam`) once per optimiser step from the step's entropy.
 
     Subclasses define `update(entropy) -> None` (the state change after a step) and `applied() ->
     float` (the coefficient the next step's loss uses); `state_keys` lists the attributes saved in
@@ -75,7 +75,7 @@ class EntropyCoefController(TrainerCallback, ExportableState):
         self.meter = StepEntropyMeter()
         self._restored = False
         trainer.token_weights.append(self.meter)
-        trainer._loss_hparams[self.hparam] = self.applied()
+        trainer.set_loss_hparam(self.hparam, self.applied())
 
     # subclass interface
     def update(self, entropy: float) -> None:  # pragma: no cover - abstract
@@ -96,18 +96,17 @@ class EntropyCoefController(TrainerCallback, ExportableState):
                 for key in self.state_keys:
                     if key in saved["attributes"]:
                         setattr(self, key, float(saved["attributes"][key]))
-                self.trainer._loss_hparams[self.hparam] = self.applied()
+                self.trainer.set_loss_hparam(self.hparam, self.applied())
 
     def on_step_end(self, args, state, control, **kwargs):
-        used = float(self.trainer._loss_hparams[self.hparam])
+        used = float(self.trainer.loss_hparam(self.hparam))
         entropy = self.meter.take(self.trainer)
         if math.isfinite(entropy):  # a step without valid tokens (or a non-finite one) changes nothing
             self.update(entropy)
-        self.trainer._loss_hparams[self.hparam] = self.applied()
-        metrics = self.trainer._metrics["train"]
-        metrics[self.hparam].append(used)
+        self.trainer.set_loss_hparam(self.hparam, self.applied())
+        self.trainer.record_metric(self.hparam, used)
         for name, value in self.extra_metrics().items():
-            metrics[name].append(float(value))
+            self.trainer.record_metric(name, value)
 
     # ExportableState
     def state(self) -> dict:

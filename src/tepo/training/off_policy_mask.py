@@ -7,7 +7,7 @@ dropped from the policy gradient:
     w[i,t] = 1[A[i,t] >= 0  or  D_i <= delta]                          (B, T), detached
 
 sampling_logp is the sampler's log-probs where the batch has them (`sampling_per_token_logps`,
-vLLM), otherwise pi_old's as the objective sees it (`TEPOTrainer._pi_old`: the current policy's on
+vLLM), otherwise pi_old's as the objective sees it (`TEPOTrainer.pi_old`: the current policy's on
 the first step after a rollout, where D_i = 0; the recorded `old_per_token_logps` after it). Tokens without a sampler log-prob (NaN) count as 0 in the sum, as in TRL. A
 `TEPOTrainer.token_weights` piece, so it works with every objective (docs/controls.md).
 """
@@ -46,7 +46,7 @@ class OffPolicySequenceMask:
     def __call__(self, trainer, inputs, *, logp, entropy, mask):
         sampling = inputs.get("sampling_per_token_logps")
         if sampling is None:  # pi_old as the objective sees it (the trainer's rule: exactly pi_theta on-policy)
-            pi_old = getattr(trainer, "_pi_old", None)
+            pi_old = getattr(trainer, "pi_old", None)
             if pi_old is not None:
                 sampling, _ = pi_old(inputs, logp, entropy)
             else:

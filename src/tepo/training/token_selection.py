@@ -75,7 +75,7 @@ class HighEntropyTokenSelection:
         valid = mask.bool()
         training = trainer.model.training
         accumulation = trainer.current_gradient_accumulation_steps if training else 1
-        first_of_step = not training or accumulation == 1 or trainer._step % accumulation == 0
+        first_of_step = not training or accumulation == 1 or trainer.micro_step % accumulation == 0
         if first_of_step:
             local = [_at_least_float32(entropy[valid])]
             if accumulation > 1:
@@ -104,23 +104,15 @@ class HighEntropyTokenSelection:
         scored by the current policy without gradient."""
         from trl.models.utils import disable_gradient_checkpointing
 
-        from tepo.training.trainer import _FORWARD_KEYS
+        from tepo.training.batch import loss_mask
 
         spg = trainer.args.steps_per_generation
-        buffer = trainer._buffered_inputs
+        buffer = trainer.rollout_buffer
         out = []
         model = trainer.model
         with torch.no_grad(), disable_gradient_checkpointing(model, trainer.args.gradient_checkpointing_kwargs):
             for j in range(1, accumulation):
-                batch = buffer[(trainer._step + j) % spg]
-                completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
-                mask = completion_mask if "tool_mask" not in batch else completion_mask * batch["tool_mask"]
-                _, entropy, _ = trainer._get_per_token_logps_and_entropies(
-                    model,
-                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
-                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
-                    completion_ids.size(1), compute_entropy=True,
-                    **{k: batch.get(k) for k in _FORWARD_KEYS},
-                )
-                out.append(_at_least_float32(entropy[mask.bool()]))
+                batch = buffer[(trainer.micro_step + j) % spg]
+                _, entropy = trainer.score_batch(model, batch)
+                out.append(_at_least_float32(entropy[loss_mask(batch).bool()]))
         return out

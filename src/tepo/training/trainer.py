@@ -1,24 +1,31 @@
 """`TEPOTrainer`: TRL's GRPOTrainer with the policy loss handed to `tepo.objectives.policy_loss`.
 
-What is overridden, and why (everything else is TRL's):
-- `_compute_loss`: per-token log-probs and entropies from TRL's `_get_per_token_logps_and_entropies`,
+It subclasses `trl_internals.GRPOTrainerSeams` (GRPOTrainer with its private methods forwarded to
+public hooks; every TRL private name lives there) and implements these hooks (everything else is TRL's):
+- `compute_policy_loss` (TRL's `_compute_loss`): per-token log-probs and entropies from `score_tokens`,
   then `policy_loss(objective, ...)`; its metrics go to TRL's metric buffer. No clipping or
-  aggregation code here: the objective owns all of it. pi_old (`_pi_old`): until the first optimiser
+  aggregation code here: the objective owns all of it. pi_old (`pi_old`): until the first optimiser
   step after a rollout, this training pass's own detached log-probs and entropies (exactly
   on-policy); after it, the values recorded when the rollout was scored.
-- `_get_per_token_logps_and_entropies`: while a rollout is being scored, the first pass of the
-  policy (the one TRL uses for `old_per_token_logps`) also keeps its entropies as `old_entropy`
-  (TEPO's KL mask compares entropy now with entropy at sampling time). TRL's fused LM head
-  computes them on that pass anyway; this only stops them being thrown away.
-- `_calculate_rewards`: keeps the rewards and completion token ids of the last rollout, for the
-  rollout statistics and for dynamic sampling.
-- `_generate_and_score_completions`: adds `old_entropy` to the batch, records the rollout
-  statistics, and (with `dynamic_sampling`) filters and refills the batch.
-- `_save_checkpoint`: writes each checkpoint under a staging folder and renames it into place, so
-  a crash never leaves a half-written `checkpoint-N` that `resume_from_checkpoint=True` would pick.
+- `score_tokens` (TRL's `_get_per_token_logps_and_entropies`): TRL's scoring, through the shared-prefix
+  forward when `shared_prefix` is on (`tepo.shared_prefix`: each distinct prompt of a chunk forwarded
+  once). While a rollout is being scored, the first pass of the policy (the one TRL uses for
+  `old_per_token_logps`) also keeps its entropies as `old_entropy` (TEPO's KL mask compares entropy
+  now with entropy at sampling time); TRL's fused LM head computes them anyway.
+- `on_rewards` (TRL's `_calculate_rewards`): keeps the rewards and completion token ids of the last
+  rollout, for the rollout statistics and for dynamic sampling.
+- `rollout` (TRL's `_generate_and_score_completions`): adds `old_entropy` to the batch, records the
+  rollout statistics, and (with `dynamic_sampling`) filters and refills the batch
+  (`tepo.training.dynamic_sampling`).
+- `training_step` (public): keeps `self.model` in train mode under regional compilation.
+- `log` (public): clears the step's loss metrics after TRL logs them.
+The seams class also writes checkpoints under a staging folder and renames them into place.
+
+Plugins (token-weight pieces, controllers, callbacks) use the public surface: `set_loss_hparam`,
+`loss_hparam`, `record_metric`, `step_micro_batches`, `micro_step`, `tokens_in_step`, `score_batch`.
 
 Aggregation scope: `policy_loss` aggregates over the micro-batch it is given. For token-mean
-objectives (dapo, tepo, clip_cov, kl_cov) `_compute_loss` multiplies that loss by
+objectives (dapo, tepo, clip_cov, kl_cov) `compute_policy_loss` multiplies that loss by
 `tepo.training.distributed.token_mean_scale`, so that with several processes or accumulated
 micro-batches the optimiser step's gradient is the token-mean over all of the step's tokens, as on
 one process with the whole batch (seq-mean objectives are exact already; see that module). The
@@ -30,23 +37,20 @@ names by min / max, the rest token-weighted over micro-batches and processes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import os
-import shutil
 from typing import Any, Sequence
 
 import torch
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from tepo import shared_prefix
 from tepo.objectives import policy_loss
+from tepo.training import batch as batch_rules
 from tepo.training import rollout_correction, sampling, vllm_sync
-from tepo.training.controls import install_controls
-from tepo.training.distributed import token_mean_scale
-from tepo.training.step_metrics import StepMetrics, gather_micro_batch
 from tepo.training.callbacks import (
     CompactProgressCallback,
     HeldoutEvalCallback,
@@ -55,20 +59,15 @@ from tepo.training.callbacks import (
     StepClock,
 )
 from tepo.training.config import TEPOConfig
+from tepo.training.controls import install_controls
+from tepo.training.distributed import token_mean_scale
+from tepo.training.step_metrics import StepMetrics, gather_micro_batch
+from tepo.training.trl_internals import STAGING_DIR, GRPOTrainerSeams, pop_last_metric  # noqa: F401 - STAGING_DIR: public
 
 logger = logging.getLogger(__name__)
 
-# Checkpoints are written here first, then renamed to OUTPUT_DIR/checkpoint-N.
-STAGING_DIR = ".checkpoint-staging"
 
-# Model inputs other than ids/mask that TRL's helper forwards (multimodal models); passed through as is.
-_FORWARD_KEYS = (
-    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
-)
-
-
-class TEPOTrainer(GRPOTrainer):
+class TEPOTrainer(GRPOTrainerSeams):
     """GRPOTrainer whose loss is `tepo.objectives.policy_loss(args.objective, ...)`.
 
     Args: as GRPOTrainer; `args` must be a `TEPOConfig`. `reward_funcs` defaults to
@@ -94,14 +93,16 @@ class TEPOTrainer(GRPOTrainer):
         self.scale_rewards = args.resolved_scale_rewards()
         if args.disable_dropout:  # TRL's switch turned nn.Dropout off; attention dropout stayed on
             disable_dropout(self.model)
-        # Our policy_loss applies entropy_coef itself; TRL's own bonus branch lives in the
-        # _compute_loss we replace, and this flag must not suggest otherwise.
-        self._entropy_bonus_enabled = False
+        self.disable_trl_entropy_bonus()
         self._loss_hparams = args.objective_hparams()
         self._token_mean = args.resolved_hparams()["agg"] == "token-mean"
         self._cov_generator = torch.Generator().manual_seed(int(args.seed))  # clip_cov's random token choice
-        self._refill_generator = torch.Generator().manual_seed(int(args.seed) + 1)
-        self._refill_order: list[int] = []
+        self.dynamic_sampling = None
+        if args.dynamic_sampling:
+            from tepo.training.dynamic_sampling import DynamicSampling
+
+            self.dynamic_sampling = DynamicSampling(self)
+        self.shared_prefix = self._install_shared_prefix(args)
         # Rollout-time state (see the module docstring).
         self._old_entropy_armed = False
         self._captured_old_entropy: torch.Tensor | None = None
@@ -109,10 +110,10 @@ class TEPOTrainer(GRPOTrainer):
         self._last_completion_ids: list | None = None
         self._rollout_metrics: dict[str, float] = {}
         self._rollout_count = 0
-        self._rollout_step: int | None = None  # global_step when the last rollout was scored (see _pi_old)
-        self._tokens_in_step = 0
+        self._rollout_step: int | None = None  # global_step when the last rollout was scored (see pi_old)
+        self.tokens_in_step = 0  # prompt+completion tokens trained on in this optimiser step (StepClock)
         self._step_metrics = {"train": StepMetrics(), "eval": StepMetrics()}  # see _log_loss_metrics
-        # Objective-independent per-token weights on the policy term, applied in this order (see _token_weight).
+        # Objective-independent per-token weights on the policy term, applied in this order (see token_weight).
         self.token_weights: list = []
         # The sampler-vs-trainer correction of vLLM rollouts (TRL's vllm_importance_sampling_* options).
         self.token_weights.extend(rollout_correction.install(self, args))
@@ -142,6 +143,64 @@ class TEPOTrainer(GRPOTrainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(CompactProgressCallback)
 
+    def _install_shared_prefix(self, args: TEPOConfig) -> bool:
+        """Patch the policy (and reference) model for the shared-prefix path, or say once why not."""
+        if not args.shared_prefix:
+            return False
+        reason = shared_prefix.unsupported_reason(self.model, gradient_checkpointing=args.gradient_checkpointing)
+        if reason is None and hasattr(self.model, "peft_config"):
+            reason = "the model is a PEFT model"
+        if reason is None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            reason = "DeepSpeed and FSDP shard the model the prefill would call directly (DDP is supported)"
+        if reason is not None:
+            logger.warning("shared_prefix: off, the plain path runs: %s", reason)
+            return False
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                shared_prefix.add_shared_prefix_forward(model)
+        if not args.use_vllm:
+            shared_prefix.add_shared_prefix_generate(self.model)
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # the public surface for plugins
+
+    def loss_hparam(self, name: str) -> Any:
+        """The value of an objective hyper-parameter the next loss uses."""
+        return self._loss_hparams[name]
+
+    def set_loss_hparam(self, name: str, value: Any) -> None:
+        """Set an objective hyper-parameter for the following losses (controllers: once per optimiser step)."""
+        if name not in self._loss_hparams:
+            raise KeyError(f"{name!r} is not a hyper-parameter of objective {self.args.objective!r} "
+                           f"(it has {', '.join(sorted(self._loss_hparams))})")
+        self._loss_hparams[name] = value
+
+    def record_metric(self, name: str, value: float, mode: str = "train") -> None:
+        """Add a value to this step's log under `name` (TRL's log averages the values of a step)."""
+        self.metric_values(mode)[name].append(float(value))
+
+    def step_micro_batches(self) -> list[dict] | None:
+        """The micro-batches of the current optimiser step on this process (the current one included),
+        or None where TRL's buffer cannot tell (see `tepo.training.batch.step_micro_batches`)."""
+        return batch_rules.step_micro_batches(
+            self.rollout_buffer, self.micro_step, int(self.current_gradient_accumulation_steps),
+            int(self.args.steps_per_generation),
+        )
+
+    def score_batch(self, model, batch: dict, *, chunk: int | None = None, compute_entropy: bool = True):
+        """Per-token log-probs and entropies (B, C) of `model` on a rollout batch, in chunks of `chunk` rows."""
+        input_ids, attention_mask, logits_to_keep = batch_rules.sequences(batch)
+        logps, entropies, _ = self.score_tokens(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=chunk, compute_entropy=compute_entropy,
+            **batch_rules.extra_model_inputs(batch),
+        )
+        return logps, entropies
+
+    def pad_token_id(self) -> int:
+        pad = self.text_tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # TRL and this trainer tell training from evaluation by `self.model.training`. Under
         # accelerate's regional compilation `model` is a new copy of the containers around the
@@ -153,40 +212,39 @@ class TEPOTrainer(GRPOTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     # ------------------------------------------------------------------------------------------
-    # rollout
+    # scoring and rollout
 
-    def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
+    def score_tokens(self, model, input_ids, attention_mask, logits_to_keep, *, compute_entropy=False, **kwargs):
         capture = self._old_entropy_armed and model is self.model
         if capture:
             # The first policy pass while scoring a rollout is TRL's old_per_token_logps pass.
             self._old_entropy_armed = False
             compute_entropy = True
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
-            model, *args, compute_entropy=compute_entropy, **kwargs
+        if self.shared_prefix and not kwargs.get("compute_aux_loss") and not batch_rules.has_extra_model_inputs(kwargs):
+            # TRL's helper calls model(..., labels=, fused_lm_head=True); the patched forward takes it from here.
+            model = functools.partial(model, shared_prefix=logits_to_keep)
+        logps, entropies, aux_loss = self.trl_score_tokens(
+            model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **kwargs
         )
         if capture:
             self._captured_old_entropy = entropies.detach() if entropies is not None else None
         return logps, entropies, aux_loss
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+    def on_rewards(self, rewards_per_func, completion_ids):
         self._last_rewards = rewards_per_func
-        self._last_completion_ids = completion_ids_list
-        return rewards_per_func
+        self._last_completion_ids = completion_ids
 
-    def _score_round(self, inputs: list[dict]) -> tuple[dict, torch.Tensor, dict[str, float]]:
+    def score_round(self, inputs: list[dict]) -> tuple[dict, torch.Tensor, dict[str, float]]:
         """One call of TRL's rollout: the batch (with old_entropy), the rewards of all processes
         (G*P,), and the statistics of this round."""
         self._old_entropy_armed, self._captured_old_entropy = True, None
         try:
-            batch = super()._generate_and_score_completions(inputs)
+            batch = self.trl_rollout(inputs)
         finally:
             self._old_entropy_armed = False
         # TRL just logged its own "reward_std" for this round; ours (same formula, but over the
         # fresh round only when dynamic sampling refills) is the one metrics.jsonl documents.
-        trl_reward_std = self._metrics["train"].get("reward_std")
-        if trl_reward_std:
-            trl_reward_std.pop()
+        pop_last_metric(self, "reward_std")
         if "old_per_token_logps" in batch and self._captured_old_entropy is not None:
             batch["old_entropy"] = self._captured_old_entropy
         self._captured_old_entropy = None
@@ -214,111 +272,37 @@ class TEPOTrainer(GRPOTrainer):
             "truncated_frac": truncated.mean().item() if truncated.numel() else float("nan"),
         }
 
-    def _generate_and_score_completions(self, inputs):
+    def rollout(self, inputs):
         if not self.model.training:
-            return super()._generate_and_score_completions(inputs)
+            return self.trl_rollout(inputs)
         self._rollout_step = self.state.global_step  # no optimiser step yet on these weights
-        batch, rewards, stats = self._score_round(inputs)
-        if self.args.dynamic_sampling:
-            batch, ds_stats = self._dynamic_sampling(batch, rewards)
+        batch, rewards, stats = self.score_round(inputs)
+        if self.dynamic_sampling is not None:
+            batch, ds_stats = self.dynamic_sampling(batch, rewards)
             stats.update(ds_stats)
         self._rollout_count += 1
         stats["rollout"] = float(self._rollout_count)
         self._rollout_metrics = stats  # statistics of the freshly sampled groups, before any filtering
         return batch
 
-    def _refill_inputs(self, num_groups: int) -> list[dict]:
-        """Fresh prompts for dynamic sampling, each repeated num_generations times (as TRL's sampler does)."""
-        rows = []
-        for _ in range(num_groups):
-            if not self._refill_order:
-                n = len(self.train_dataset)
-                self._refill_order = torch.randperm(n, generator=self._refill_generator).tolist()
-            rows.append(self.train_dataset[self._refill_order.pop()])
-        return [row for row in rows for _ in range(self.num_generations)]
-
-    def _dynamic_sampling(self, batch: dict, rewards: torch.Tensor) -> tuple[dict, dict[str, float]]:
-        """Keep the groups whose rewards disagree; refill from fresh prompts for at most
-        max_resample_rounds rounds. If still short, train on what was kept, topped up with
-        zero-variance rows only as far as steps_per_generation needs (equal chunks)."""
-        G, spg = self.num_generations, self.args.steps_per_generation
-        num_groups = rewards.numel() // G
-        varied = sampling.varied_groups(rewards, G)
-        keep_rate = max(varied.float().mean().item(), 1.0 / num_groups)
-        kept = [sampling.select_rows(batch, sampling.rows_of_groups(varied.nonzero().flatten(), G))]
-        spare = [sampling.select_rows(batch, sampling.rows_of_groups((~varied).nonzero().flatten(), G))]
-        have, rounds = int(varied.sum()), 0
-        while have < num_groups and rounds < self.args.max_resample_rounds:
-            rounds += 1
-            missing = num_groups - have
-            draw = min(num_groups, math.ceil(missing / keep_rate))  # oversample at the rate seen so far
-            more, more_rewards, _ = self._score_round(self._refill_inputs(draw))
-            more_varied = sampling.varied_groups(more_rewards, G)
-            take = more_varied.nonzero().flatten()[:missing]
-            kept.append(sampling.select_rows(more, sampling.rows_of_groups(take, G)))
-            spare.append(sampling.select_rows(more, sampling.rows_of_groups((~more_varied).nonzero().flatten(), G)))
-            have += take.numel()
-        short = have < num_groups
-        parts = [k for k in kept if k["advantages"].numel()]
-        if short:
-            rows = have * G
-            target = max(spg, math.ceil(rows / spg) * spg)
-            pool = sampling.concat_batches([s for s in spare if s["advantages"].numel()], pad_token_id=self._pad_id())
-            parts.append(sampling.select_rows(pool, torch.arange(target - rows)))
-            logger.warning(
-                "dynamic sampling: %d of %d groups have reward variance after %d refill rounds; training on "
-                "%d completions (%d zero-variance rows added to fill %d equal chunks)",
-                have, num_groups, rounds, target, target - rows, spg,
-            )
-        merged = sampling.trim_prompt_padding(sampling.concat_batches(parts, pad_token_id=self._pad_id()))
-        merged["num_items_in_batch"] = merged["completion_mask"].sum()
-        if "old_per_token_logps" in merged:
-            # Splicing changed the padding each row was scored with; in bf16 that alone moves a
-            # log-prob by ~1e-4, more than TEPO's 3e-4 clip on a sequence mean. Score pi_old again on
-            # exactly the tensors (and micro-batch size) the later optimiser steps of this rollout
-            # will see (the first one takes its own pass's values: _pi_old).
-            merged["old_per_token_logps"], merged["old_entropy"] = self._score_old_policy(
-                merged, chunk=merged["advantages"].numel() // spg
-            )
-        stats = {
-            "dynamic_sampling/rounds": float(rounds),
-            "dynamic_sampling/kept_frac": have / num_groups,
-            "dynamic_sampling/short": float(short),
-        }
-        return merged, stats
-
-    def _score_old_policy(self, batch: dict, *, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def score_old_policy(self, batch: dict, *, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pi_old's per-token log-probs and entropies (B, T) of a rollout batch, in chunks of `chunk` rows."""
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, batch["completion_ids"].size(1),
-                batch_size=max(1, chunk), compute_entropy=True,
-            )
-        return logps, entropies
-
-    def _pad_id(self) -> int:
-        pad = self._tokenizer.pad_token_id
-        return int(pad if pad is not None else self.eos_token_ids[0])
+            return self.score_batch(self.model, batch, chunk=max(1, chunk))
 
     # ------------------------------------------------------------------------------------------
     # loss
 
-    def _compute_loss(self, model, inputs):
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-
-        logp, entropy, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1),
+    def compute_policy_loss(self, model, inputs):
+        mask = batch_rules.loss_mask(inputs)
+        input_ids, attention_mask, logits_to_keep = batch_rules.sequences(inputs)
+        logp, entropy, aux_loss = self.score_tokens(
+            model, input_ids, attention_mask, logits_to_keep,
             compute_entropy=True, compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in _FORWARD_KEYS},
+            **batch_rules.extra_model_inputs(inputs),
         )
-        old_logp, old_entropy = self._pi_old(inputs, logp, entropy)
-        token_weight, weight_metrics = self._token_weight(inputs, logp=logp, entropy=entropy, mask=mask)
+        old_logp, old_entropy = self.pi_old(inputs, logp, entropy)
+        token_weight, weight_metrics = self.token_weight(inputs, logp=logp, entropy=entropy, mask=mask)
         out = policy_loss(
             self.args.objective,
             logp=logp, old_logp=old_logp, advantages=inputs["advantages"], mask=mask,
@@ -332,7 +316,7 @@ class TEPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.nonfinite_guard.observe_loss(loss)
-            self._tokens_in_step += int(attention_mask.sum())
+            self.tokens_in_step += int(attention_mask.sum())
             if self._token_mean:  # exact token-mean over the whole optimiser step (collective: every rank calls it)
                 loss = loss * token_mean_scale(self, inputs)
             # The step's loss as logged: the objective of the whole optimiser step, i.e. the mean over
@@ -343,14 +327,14 @@ class TEPOTrainer(GRPOTrainer):
             step_share = loss.detach()
             if self.accelerator.num_processes > 1:
                 step_share = self.accelerator.gather(step_share.reshape(1)).mean()
-            self._metrics[mode]["loss"].append(step_share.item())
+            self.record_metric("loss", step_share.item())
             for name, value in self._rollout_metrics.items():
-                self._metrics[mode][name].append(value)
+                self.record_metric(name, value)
             loss = loss / self.current_gradient_accumulation_steps  # GRPOTrainer: loss_is_scaled_for_ga
         self._log_loss_metrics(mode, out.metrics, tokens=float(mask.sum()))
         return loss
 
-    def _pi_old(self, inputs, logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pi_old(self, inputs, logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pi_old's log-probs and entropies (B, T) for this micro-batch.
 
         Until the first optimiser step after its rollout was scored, pi_old is pi_theta: then they are
@@ -365,7 +349,7 @@ class TEPOTrainer(GRPOTrainer):
             return logp.detach(), entropy.detach()
         return recorded, inputs.get("old_entropy")
 
-    def _token_weight(self, inputs, *, logp, entropy, mask) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def token_weight(self, inputs, *, logp, entropy, mask) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The product of the weights of `self.token_weights` (B, T), or None when there are none.
 
         Each piece is a callable ``piece(trainer, inputs, logp=, entropy=, mask=) -> (weight or None,
@@ -383,51 +367,19 @@ class TEPOTrainer(GRPOTrainer):
     def _log_loss_metrics(self, mode: str, metrics: dict[str, float], tokens: float) -> None:
         """Fold one micro-batch's loss metrics (over its `tokens` valid tokens) into the step's values
         (`tepo.training.step_metrics`: _min / _max names by min / max, the rest token-weighted, over
-        micro-batches and processes). TRL's log averages each list of `_metrics`; each holds one value,
-        the step's so far. Collective with several processes."""
+        micro-batches and processes). TRL's log averages each list of its metric buffer; each holds
+        one value, the step's so far. Collective with several processes."""
         step = self._step_metrics[mode]
         for part, weight in gather_micro_batch(self.accelerator, metrics, tokens):
             step.add(part, weight)
+        buffer = self.metric_values(mode)
         for name, value in step.values().items():
-            self._metrics[mode][name] = [value]
+            buffer[name] = [value]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        super().log(logs, start_time)  # reads and clears self._metrics[mode]
+        super().log(logs, start_time)  # reads and clears TRL's metric buffer of `mode`
         self._step_metrics[mode].clear()
-
-    # ------------------------------------------------------------------------------------------
-    # checkpoints
-
-    def _save_checkpoint(self, model, trial):
-        """TRL/transformers write checkpoint-N in place; here they write it under STAGING_DIR and it
-        is renamed into place once complete (a rename is atomic), then old ones are rotated."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(staged):
-            shutil.rmtree(staged)  # left by a crash
-        self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial=None: staging_root  # instance attribute shadows the method
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
-        if self.args.should_save:
-            if os.path.exists(final):  # the same step saved again (e.g. after a resume)
-                old = staged + ".replaced"
-                os.replace(final, old)
-                shutil.rmtree(old)
-            os.replace(staged, final)
-            rotate_checkpoints(
-                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

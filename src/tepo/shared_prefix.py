@@ -1,0 +1,243 @@
+"""Shared prefixes: each distinct prompt of a batch forwarded once, its completions attending to it.
+
+In RL on verifiable rewards every prompt is sampled G times, so in a batch of B = U x G rows a plain
+forward computes each prompt G times (and on the CPU, TRL's fused LM head projects every prompt
+position through the vocabulary too). Here the distinct prompts go through the model once, with a
+KV cache (with gradient when training); the cache is indexed out to the B rows; and each row's
+completion is forwarded against its own prompt's cache. A completion therefore attends causally to
+itself and to its prompt, never to a sibling (each row is its own batch row), every token keeps the
+position the plain left-padded row gives it, and the per-token log-probs, entropies and parameter
+gradients are those of the plain path up to float32 rounding (different summation order in
+attention). Prefix Grouper (arXiv 2506.05433) is the same idea with a packed row and a custom mask;
+the cache form needs no model-specific mask and works with any decoder that takes a `DynamicCache`
+(tests: Llama and Qwen2). docs/benchmarks.md, "Shared prefix", has the measurements.
+
+Two uses, one rule ("rows with the same prompt ids and mask share one forward of the prompt"):
+- `add_shared_prefix_forward(model)`: after TRL's `add_fused_lm_head`, a call
+  ``model(input_ids, attention_mask, labels=..., fused_lm_head=True, shared_prefix=C)`` computes the
+  last C positions' log-probs/entropies this way, inside one forward of the model (so a DDP wrapper
+  sees one forward and one backward).
+- `generate_shared_prefix(model, input_ids, attention_mask, **generate_kwargs)`: the prompt prefill of
+  Hugging Face `generate` done once per distinct prompt (and, across distinct prompts, once for
+  their longest common prefix: the chat template and worked example every prompt starts with).
+
+`unsupported_reason(model, ...)` says when neither applies (the caller logs it once and takes the
+plain path).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import Tensor
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with the same prompt: (first (U,), inverse (B,)) with row `first[u]` a row of group u and
+    `inverse[b]` the group of row b, so that `x[first][inverse]` gives each row its group's copy.
+
+    Two rows are one group when their prompt ids and prompt mask are equal (B, P), padding included:
+    then their prompt forwards are the same computation."""
+    key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(key.size(0), device=key.device)
+    first = torch.full((int(inverse.max()) + 1,), key.size(0), dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return first, inverse
+
+
+def unsupported_reason(model, *, gradient_checkpointing: bool = False) -> str | None:
+    """Why the shared-prefix path cannot run on `model`, or None when it can."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return "the model is not a decoder-only transformers model"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        return f"{type(model).__name__} is a multimodal model (its prompts carry non-text inputs)"
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if attention not in SUPPORTED_ATTENTION:
+        return f"attention implementation {attention!r} (supported: {', '.join(SUPPORTED_ATTENTION)})"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
+        return "the model has sliding-window or non-attention layers (their caches are not plain key/value rows)"
+    if not callable(getattr(model, "get_decoder", None)) and getattr(model, "base_model", model) is model:
+        return f"{type(model).__name__} exposes no decoder to prefill"
+    if gradient_checkpointing:
+        return "gradient checkpointing is on (transformers drops the KV cache inside checkpointed layers)"
+    return None
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _select_rows(cache, index: Tensor) -> None:
+    """Index every layer of `cache` by rows (differentiable: gradients of a shared prompt add up)."""
+    for layer in cache.layers:
+        layer.batch_select_indices(index)
+
+
+def _prefill(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None):
+    """The KV cache of `input_ids` (B, L) under `model`'s decoder (no LM head)."""
+    cache = _new_cache(model)
+    model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True,
+    )
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring (training pass, pi_old pass, reference pass)
+
+
+def add_shared_prefix_forward(model) -> None:
+    """Let `model(..., fused_lm_head=True, shared_prefix=C)` score the last C tokens of each row with
+    each distinct prompt forwarded once. Call after TRL's `add_fused_lm_head`; without `shared_prefix`
+    the forward is the one it wraps. Idempotent."""
+    if getattr(model.forward, "_tepo_shared_prefix", False):
+        return
+    # TRL's fused LM head around the model's own forward, as a function: bound to `self` at each call,
+    # so that a deep copy of the model runs on the copy's weights
+    inner = getattr(model.forward, "__func__", None)
+    if inner is None:
+        raise TypeError(f"{type(model).__name__}.forward is not a method: cannot wrap it")
+
+    @functools.wraps(type(model).forward)  # keep the signature: generate validates kwargs against it
+    def forward(self, *args, shared_prefix: int | None = None, **kwargs):
+        fused_forward = types.MethodType(inner, self)
+        if shared_prefix is None:
+            return fused_forward(*args, **kwargs)
+        return _score_completions(self, fused_forward, completion_length=int(shared_prefix), **kwargs)
+
+    forward._tepo_shared_prefix = True
+    model.forward = types.MethodType(forward, model)
+
+
+def _score_completions(model, fused_forward, *, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                       completion_length: int, **kwargs):
+    """TRL's fused-LM-head output for the last `completion_length` labels of each row (B, C), the
+    prompt part (B, T - C) forwarded once per distinct prompt.
+
+    The prompt pass covers all prompt columns but the last; the row pass then runs
+    [last prompt token, completion[:-1]] (C tokens) against the indexed cache, so its C hidden
+    states predict exactly the C completion tokens (`shift_labels`), at positions T - C - 1 ... T - 2
+    as in the plain row."""
+    C = completion_length
+    prompt_ids, prompt_mask = input_ids[:, :-C], attention_mask[:, :-C]
+    if C < 1 or prompt_ids.size(1) < 2:
+        return fused_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    first, inverse = prompt_groups(prompt_ids, prompt_mask)
+    cache = _prefill(model, prompt_ids[first, :-1], prompt_mask[first, :-1])
+    _select_rows(cache, inverse)
+    return fused_forward(
+        input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1], past_key_values=cache,
+        shift_labels=labels[:, -C:], **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+
+
+def _common_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """Tokens every row starts with (after its left padding), at most the shortest prompt minus one."""
+    lengths = attention_mask.sum(dim=1)
+    shortest = int(lengths.min())
+    if shortest < 2 or not bool((attention_mask.flip(1).cumprod(1).sum(1) == lengths).all()):
+        return 0  # not left-padded rows: no claim about their starts
+    width = input_ids.size(1)
+    starts = width - lengths
+    offsets = torch.arange(shortest - 1, device=input_ids.device)
+    tokens = input_ids.gather(1, (starts.unsqueeze(1) + offsets).clamp(max=width - 1))
+    same = (tokens == tokens[:1]).all(dim=0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _to_prefix_layout(input_ids: Tensor, attention_mask: Tensor, k: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded rows (B, P) re-laid as [common prefix (k) | padding | rest of the prompt], same width:
+    the common prefix then sits in the same columns of every row, and positions counted from the
+    attention mask (as `generate` counts them) are unchanged."""
+    width = input_ids.size(1)
+    lengths = attention_mask.sum(dim=1)
+    starts = width - lengths
+    cols = torch.arange(width, device=input_ids.device).unsqueeze(0)
+    # column c of the new row takes: c < k -> start + c; c >= width - (len - k) -> c; else padding
+    rest_from = width - (lengths - k)
+    source = torch.where(cols < k, starts.unsqueeze(1) + cols, cols)
+    keep = (cols < k) | (cols >= rest_from.unsqueeze(1))
+    ids = torch.where(keep, input_ids.gather(1, source.clamp(max=width - 1)), torch.full_like(input_ids, pad_id))
+    return ids, keep.to(attention_mask.dtype)
+
+
+def add_shared_prefix_generate(model) -> None:
+    """Make `model.generate(input_ids=, attention_mask=, ...)` prefill through `generate_shared_prefix`
+    where it can (left-padded token prompts, one sequence per row, tensor output); any other call
+    goes to the model's own `generate` unchanged. Idempotent."""
+    if getattr(model.generate, "_tepo_shared_prefix", False):
+        return
+    plain_generate = model.generate
+
+    @functools.wraps(plain_generate)
+    def generate(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        plain = (
+            args or kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None
+            or kwargs.get("past_key_values") is not None
+            or any(isinstance(v, Tensor) for k, v in kwargs.items() if k not in ("input_ids", "attention_mask"))
+            or kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
+            or kwargs.get("num_beams", getattr(config, "num_beams", 1)) != 1
+            or kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) != 1
+        )
+        if plain:
+            return plain_generate(*args, **kwargs)
+        pad = getattr(config, "pad_token_id", None)
+        return generate_shared_prefix(
+            model, kwargs.pop("input_ids"), kwargs.pop("attention_mask"), pad_token_id=0 if pad is None else int(pad),
+            generate=plain_generate, **kwargs,
+        )
+
+    generate._tepo_shared_prefix = True
+    model.generate = generate
+
+
+@torch.no_grad()
+def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, pad_token_id: int, generate=None,
+                           **generate_kwargs):
+    """`model.generate(input_ids, attention_mask, **generate_kwargs)` for left-padded prompts (B, P), with
+    the prompt prefill shared: the common prefix of all rows is forwarded once, each distinct prompt's
+    remainder once, and the cache indexed out to the rows before `generate` decodes. Returns what
+    `generate` returns (B, P + new tokens), the prompt columns as given. `generate`: the model's own
+    generate to call (default `model.generate`).
+
+    Prompts are re-laid as [common prefix | padding | rest] (`_to_prefix_layout`); `generate` counts
+    positions from the attention mask, so every token keeps its position. Falls back to plain
+    `generate` when there is nothing to share."""
+    generate = generate or model.generate
+    first, inverse = prompt_groups(input_ids, attention_mask)
+    k = _common_prefix_length(input_ids, attention_mask)
+    if first.numel() == input_ids.size(0) and k < 2:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    ids, mask = (input_ids, attention_mask) if k < 2 else _to_prefix_layout(input_ids, attention_mask, k, pad_token_id)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's own rule
+    unique_ids, unique_mask, unique_pos = ids[first], mask[first], positions[first]
+    width = ids.size(1)
+    if k >= 2:  # the common prefix once, then each distinct prompt's remainder (all but its last token)
+        cache = _prefill(model, unique_ids[:1, :k], unique_mask[:1, :k], unique_pos[:1, :k])
+        _select_rows(cache, torch.zeros(first.numel(), dtype=torch.long, device=ids.device))
+        if width - 1 > k:
+            model.base_model(
+                input_ids=unique_ids[:, k:-1], attention_mask=unique_mask[:, :-1], position_ids=unique_pos[:, k:-1],
+                past_key_values=cache, use_cache=True,
+            )
+    else:
+        cache = _prefill(model, unique_ids[:, :-1], unique_mask[:, :-1], unique_pos[:, :-1])
+    _select_rows(cache, inverse)
+    out = generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
+    return torch.cat([input_ids, out[:, width:]], dim=1)
