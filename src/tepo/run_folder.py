@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +108,13 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> Path:
-    """Write JSON atomically (a reader never sees half a file); NaN and infinities are refused."""
+def write_json(path: str | os.PathLike, data: Any, *, indent: int = 2, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write JSON atomically (a reader never sees half a file); NaN and infinities are refused.
+    `default`: how to write what JSON has no type for (e.g. `str` for paths in a run's settings)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=indent, allow_nan=False, default=default) + "\n")
     os.replace(tmp, path)
     return path
 
