@@ -247,3 +247,34 @@ def test_where_it_cannot_apply_one_line_says_why_and_the_plain_path_runs(tmp_pat
     assert len(lines) == 1 and "gradient checkpointing" in lines[0]
     assert trainer.shared_prefix is False
     assert not getattr(trainer.model.forward, "_tepo_shared_prefix", False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_evaluation_backend_gives_the_plain_samples(temperature):
+    """HFBackend (held-out evaluation) with the shared-prefix prefill: the same samples as without."""
+    from tepo.evaluation.generation import HFBackend
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    messages = [[{"role": "system", "content": "Answer in a box."}, {"role": "user", "content": f"What is {i} + {2 * i}?"}]
+                for i in range(1, 12)]
+    n = 1 if temperature == 0 else 2
+    # a second end-of-sequence token: a character the random model writes early in some answers, so
+    # that rows end at different steps (and leave the shared-prefix decoding's batch early)
+    first = HFBackend(model, tok, batch_size=6, shared_prefix=False).generate(messages, n=n, temperature=temperature,
+                                                                             max_new_tokens=6, seed=5)
+    early = [c for row in first for sample in row for c in sample.text[1:3]]
+    stop = max(set(early), key=early.count)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(stop)]
+    embedded = count_embedded_tokens(model)
+    plain = HFBackend(model, tok, batch_size=6, shared_prefix=False).generate(messages, n=n, temperature=temperature,
+                                                                             max_new_tokens=6, seed=5)
+    plain_tokens = sum(embedded)
+    embedded.clear()
+    backend = HFBackend(model, tok, batch_size=6)
+    assert backend.shared_prefix
+    shared = backend.generate(messages, n=n, temperature=temperature, max_new_tokens=6, seed=5)
+    assert shared == plain
+    if temperature > 0:  # (the random tiny model's greedy answer is one string for every prompt)
+        assert len({s.num_tokens for row in shared for s in row}) > 1  # rows ended at different steps
+    assert sum(embedded) < plain_tokens

@@ -207,23 +207,12 @@ def add_shared_prefix_generate(model) -> None:
     model.generate = generate
 
 
-@torch.no_grad()
-def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, pad_token_id: int, generate=None,
-                           **generate_kwargs):
-    """`model.generate(input_ids, attention_mask, **generate_kwargs)` for left-padded prompts (B, P), with
-    the prompt prefill shared: the common prefix of all rows is forwarded once, each distinct prompt's
-    remainder once, and the cache indexed out to the rows before `generate` decodes. Returns what
-    `generate` returns (B, P + new tokens), the prompt columns as given. `generate`: the model's own
-    generate to call (default `model.generate`).
-
-    Prompts are re-laid as [common prefix | padding | rest] (`_to_prefix_layout`); `generate` counts
-    positions from the attention mask, so every token keeps its position. Falls back to plain
-    `generate` when there is nothing to share."""
-    generate = generate or model.generate
+def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, k: int, pad_token_id: int):
+    """The KV cache of every row's prompt but its last token (B rows), computed once for the common
+    prefix (k tokens, when k >= 2) and once per distinct prompt. Returns (ids, mask, positions, cache):
+    the prompts as re-laid for the cache (`_to_prefix_layout`), their attention mask, and the positions
+    `generate` gives them (counted from the mask)."""
     first, inverse = prompt_groups(input_ids, attention_mask)
-    k = _common_prefix_length(input_ids, attention_mask)
-    if first.numel() == input_ids.size(0) and k < 2:
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     ids, mask = (input_ids, attention_mask) if k < 2 else _to_prefix_layout(input_ids, attention_mask, k, pad_token_id)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's own rule
     unique_ids, unique_mask, unique_pos = ids[first], mask[first], positions[first]
@@ -239,5 +228,66 @@ def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, 
     else:
         cache = _prefill(model, unique_ids[:, :-1], unique_mask[:, :-1], unique_pos[:, :-1])
     _select_rows(cache, inverse)
+    return ids, mask, positions, cache
+
+
+def _nothing_to_share(input_ids: Tensor, attention_mask: Tensor) -> tuple[bool, int]:
+    first, _ = prompt_groups(input_ids, attention_mask)
+    k = _common_prefix_length(input_ids, attention_mask)
+    return first.numel() == input_ids.size(0) and k < 2, k
+
+
+@torch.no_grad()
+def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, pad_token_id: int, generate=None,
+                           **generate_kwargs):
+    """`model.generate(input_ids, attention_mask, **generate_kwargs)` for left-padded prompts (B, P), with
+    the prompt prefill shared: the common prefix of all rows is forwarded once, each distinct prompt's
+    remainder once, and the cache indexed out to the rows before `generate` decodes. Returns what
+    `generate` returns (B, P + new tokens), the prompt columns as given. `generate`: the model's own
+    generate to call (default `model.generate`).
+
+    Prompts are re-laid as [common prefix | padding | rest] (`_to_prefix_layout`); `generate` counts
+    positions from the attention mask, so every token keeps its position. Falls back to plain
+    `generate` when there is nothing to share."""
+    generate = generate or model.generate
+    plain, k = _nothing_to_share(input_ids, attention_mask)
+    if plain:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    ids, mask, _, cache = _prefill_shared(model, input_ids, attention_mask, k, pad_token_id)
     out = generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
-    return torch.cat([input_ids, out[:, width:]], dim=1)
+    return torch.cat([input_ids, out[:, ids.size(1):]], dim=1)
+
+
+@torch.no_grad()
+def decode_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int, eos_ids,
+                         pad_token_id: int, choose=None) -> list[list[int]]:
+    """New tokens for left-padded prompts (B, P): the shared-prefix prefill (`_prefill_shared`), then one
+    token per step for the rows still going, each row leaving the batch at its end-of-sequence token
+    or at `max_new_tokens` (plain `generate` keeps computing finished rows until the last one ends).
+    `choose(scores (R, V) fp32, rows (R,)) -> tokens (R,)` picks each step's tokens for the rows still
+    in the batch (`rows`: their indices in the input); default greedy (argmax, as `generate`). Returns
+    each row's tokens, its end-of-sequence token included. The same tokens as plain greedy `generate`
+    up to float32 rounding (the batch shrinks, so matrix products round differently)."""
+    eos = torch.tensor(sorted({int(e) for e in eos_ids}), device=input_ids.device)
+    _, k = _nothing_to_share(input_ids, attention_mask)
+    ids, mask, positions, cache = _prefill_shared(model, input_ids, attention_mask, k, pad_token_id)
+    rows = torch.arange(ids.size(0), device=ids.device)
+    out: list[list[int]] = [[] for _ in range(ids.size(0))]
+    step_ids, step_pos = ids[:, -1:], positions[:, -1:]
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        scores = logits[:, -1].float()
+        tokens = scores.argmax(dim=-1) if choose is None else choose(scores, rows)
+        for row, token in zip(rows.tolist(), tokens.tolist()):
+            out[row].append(token)
+        going = ~torch.isin(tokens, eos)
+        if len(out[int(rows[0])]) >= max_new_tokens or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().flatten()
+            _select_rows(cache, keep)
+            rows, tokens, mask, step_pos = rows[keep], tokens[keep], mask[keep], step_pos[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+        step_ids, step_pos = tokens.unsqueeze(1), step_pos + 1
+    return out

@@ -153,9 +153,14 @@ class HFBackend:
 
     ``autocast_dtype``: run the forward passes under ``torch.autocast`` with this dtype (on a CPU
     with native bf16, bf16 autocast generates about twice as fast as fp32; without it, slower).
+    ``shared_prefix``: prefill the start every prompt of a batch shares (the chat template, a worked
+    example) once, and each distinct prompt once, then decode with each row leaving the batch when
+    it ends (``tepo.shared_prefix.decode_shared_prefix``); the same tokens as plain ``generate`` up to
+    float32 rounding. Off where the model does not support it (``unsupported_reason``).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, autocast_dtype: torch.dtype | None = None, name: str | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, autocast_dtype: torch.dtype | None = None,
+                 name: str | None = None, shared_prefix: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if getattr(tokenizer, "chat_template", None) is None:
@@ -167,6 +172,9 @@ class HFBackend:
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids))
+        from tepo.shared_prefix import unsupported_reason
+
+        self.shared_prefix = shared_prefix and unsupported_reason(model) is None
 
     @classmethod
     def from_model(cls, model, tokenizer, **kwargs) -> "HFBackend":
@@ -243,13 +251,35 @@ class HFBackend:
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         try:
             with torch.inference_mode(), autocast:
-                sequences = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                    generation_config=config, logits_processor=processors,
-                )
+                if self.shared_prefix:
+                    rows = self._decode_shared_prefix(input_ids.to(device), attention_mask.to(device), seeds,
+                                                      temperature, top_p, max_new_tokens)
+                else:
+                    sequences = self.model.generate(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        generation_config=config, logits_processor=processors,
+                    )
+                    rows = sequences[:, width:].tolist()
         finally:
             self.model.train(was_training)
-        return [self._to_sample(row) for row in sequences[:, width:].tolist()]
+        return [self._to_sample(row) for row in rows]
+
+    def _decode_shared_prefix(self, input_ids, attention_mask, seeds, temperature, top_p, max_new_tokens) -> list[list[int]]:
+        """`tepo.shared_prefix.decode_shared_prefix`: shared prefill, finished rows leave the batch; the
+        draw of a sampled row is RowSeededSampler's (its own generator), so it does not depend on which
+        rows are still in the batch either."""
+        from tepo.shared_prefix import decode_shared_prefix
+
+        choose = None
+        if temperature > 0:
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+            def choose(scores, rows):
+                sampler = RowSeededSampler([generators[i] for i in rows.tolist()], temperature, top_p)
+                return sampler(None, scores).argmax(dim=-1)
+
+        return decode_shared_prefix(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                    eos_ids=self.eos_ids, pad_token_id=self.pad_id, choose=choose)
 
     def _to_sample(self, tokens: list[int]) -> Sample:
         end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)

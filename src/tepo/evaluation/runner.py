@@ -372,6 +372,7 @@ def greedy_accuracy(
     batch_size: int = 16,
     messages_fn: Callable[[str], list] = build_messages,
     autocast: str = "auto",
+    shared_prefix: bool = True,
 ) -> dict[str, Any]:
     """Greedy accuracy on problems (dicts with id, problem, answer).
 
@@ -379,7 +380,8 @@ def greedy_accuracy(
     ``autocast`` for a pair: ``"auto"`` runs an fp32 model on a CPU with native bf16 under bf16
     autocast (about twice as fast there; without native bf16 it would be slower, so fp32);
     ``"bf16"`` runs under bf16 autocast on the model's device (how ``bf16: true`` trains);
-    ``"none"`` keeps the model's own precision. Returns accuracy, correct, num_problems,
+    ``"none"`` keeps the model's own precision. ``shared_prefix``: `HFBackend`'s shared-prefix
+    decoding for a pair (False: plain `generate`). Returns accuracy, correct, num_problems,
     per-problem ``ids``/``verdicts``/``answers`` (for paired comparisons), no_answer, truncated,
     mean_completion_tokens and seconds spent.
     """
@@ -398,7 +400,8 @@ def greedy_accuracy(
             dtype = torch.bfloat16
         elif autocast != "none":
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'none', got {autocast!r}")
-        backend = HFBackend.from_model(model, tokenizer, batch_size=batch_size, autocast_dtype=dtype)
+        backend = HFBackend.from_model(model, tokenizer, batch_size=batch_size, autocast_dtype=dtype,
+                                       shared_prefix=shared_prefix)
     else:
         backend = backend_or_model_and_tokenizer
     t0 = time.perf_counter()

@@ -70,7 +70,8 @@ def _hardware(device: Any) -> dict[str, Any]:
 
 
 def baseline_eval_key(model_path: str, problems: Sequence[dict], *, max_new_tokens: int, batch_size: int,
-                      dtype: str, bf16: bool, device: Any, model_config: dict | None = None) -> str | None:
+                      dtype: str, bf16: bool, device: Any, model_config: dict | None = None,
+                      shared_prefix: bool = True) -> str | None:
     """The cache key of a held-out evaluation of the untrained model at `model_path`; None when
     `model_path` is not a local folder (its content cannot be hashed). `model_config`: the loaded
     model's config as a dict (what loading options changed: attention implementation, dtype...)."""
@@ -97,6 +98,7 @@ def baseline_eval_key(model_path: str, problems: Sequence[dict], *, max_new_toke
         "dtype": str(dtype),
         "model_config": hashlib.sha256(config_text.encode()).hexdigest(),
         "bf16": bool(bf16),
+        "shared_prefix": bool(shared_prefix),  # another decoding: the same tokens only up to rounding
         "hardware": _hardware(device),
         "tepo_source": tepo_source_digest(),
         "libraries": {m.__name__: m.__version__ for m in (torch, transformers, trl, accelerate)},

@@ -145,7 +145,8 @@ def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens
     process holds only a shard of every weight (from loading on, before the engine exists), so the
     weights are gathered for the evaluation - a collective step, hence on every process - and
     gradient checkpointing is off while generating. In the precision the trainer trains in: bf16
-    autocast under `bf16: true`, the weights' own (fp32) otherwise."""
+    autocast under `bf16: true`, the weights' own (fp32) otherwise; with the shared-prefix decoding
+    where the trainer's `shared_prefix` is on (stock TRL's trainer: plain `generate`)."""
     from accelerate.utils import gather_object
     from trl.models.utils import unwrap_model_for_generation
 
@@ -155,7 +156,8 @@ def heldout_greedy_accuracy(trainer, problems: Sequence[dict], *, max_new_tokens
     mine = list(problems)[accelerator.process_index::accelerator.num_processes]
     with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as model:
         part = greedy_accuracy((model, trainer.processing_class), mine, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, autocast="bf16" if trainer.args.bf16 else "none") if mine else None
+                               batch_size=batch_size, autocast="bf16" if trainer.args.bf16 else "none",
+                               shared_prefix=getattr(trainer.args, "shared_prefix", False)) if mine else None
     if accelerator.num_processes == 1:
         return part
     return merge_strided_results(gather_object([part]))

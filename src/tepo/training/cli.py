@@ -58,7 +58,8 @@ class TrainScriptArguments:
                           "(eval_test.json, per-problem verdicts); 0: no."},
     )
     heldout_num_problems: int = field(default=150, metadata={"help": "Held-out problems to evaluate."})
-    heldout_batch_size: int = field(default=32, metadata={"help": "Rows per generate batch in held-out evaluation."})
+    heldout_batch_size: int = field(default=64, metadata={"help": "Rows per generate batch in held-out evaluation "
+                                                                "(64: the fastest measured on the quickstart, docs/benchmarks.md)."})
     heldout_eval_cache: bool = field(
         default=True,
         metadata={"help": "Reuse the held-out evaluation of the untrained model from an earlier run with the same model "
@@ -231,12 +232,6 @@ def _checkpoint_step(path: str) -> int:
     return int(json.loads(Path(path, "trainer_state.json").read_text())["global_step"])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def heldout_eval(trainer, problems: list[dict], *, max_new_tokens: int, batch_size: int, step: int) -> dict:
     from tepo.training.callbacks import heldout_greedy_accuracy
 
@@ -255,7 +250,8 @@ def evaluate_untrained(trainer, problems: list[dict], *, script: TrainScriptArgu
         key = cache.baseline_eval_key(model_path, problems, max_new_tokens=max_new_tokens,
                                       batch_size=script.heldout_batch_size,
                                       dtype=str(next(trainer.model.parameters()).dtype), bf16=bool(trainer.args.bf16),
-                                      device=trainer.accelerator.device, model_config=trainer.model.config.to_dict())
+                                      device=trainer.accelerator.device, model_config=trainer.model.config.to_dict(),
+                                      shared_prefix=trainer.args.shared_prefix)
         cached = cache.load_baseline_eval(key) if key else None
         if cached is not None:
             return {**cached, "step": 0, "cached_from": key}
@@ -319,7 +315,7 @@ def _train(argv: list[str]) -> int:
 
     from tepo.models import resolve_model
     from tepo.tasks import to_prompt_dataset
-    from tepo.training.callbacks import read_metrics, METRICS_FILE
+    from tepo.run_folder import EVAL_AFTER_FILE, EVAL_BEFORE_FILE, EVAL_TEST_FILE, METRICS_FILE, RUN_FILE, read_metrics, write_json
     from tepo.training.trainer import TEPOTrainer, summarize_hparams
 
     out = Path(config.output_dir)
@@ -328,7 +324,7 @@ def _train(argv: list[str]) -> int:
     dataset = to_prompt_dataset(train_problems)
     main = _is_main_process()
     if main:
-        _write_json(out / "run.json", {
+        write_json(out / RUN_FILE, default=str, data={
             "command": "tepo train " + " ".join(argv),
             "model": model_path,
             "script": asdict(script),
@@ -353,12 +349,12 @@ def _train(argv: list[str]) -> int:
 
     before = None
     if heldout:
-        if resume and (out / "eval_before.json").exists():
-            before = json.loads((out / "eval_before.json").read_text())
+        if resume and (out / EVAL_BEFORE_FILE).exists():
+            before = json.loads((out / EVAL_BEFORE_FILE).read_text())
         else:
             before = evaluate_untrained(trainer, heldout, script=script, model_path=model_path, max_new_tokens=max_new)
             if main:
-                _write_json(out / "eval_before.json", before)
+                write_json(out / EVAL_BEFORE_FILE, before, default=str)
             _say(f"tepo train: held-out accuracy before: {before['accuracy']:.1%}"
                  + (" (reused: same model, problems, settings and code as an earlier run)" if "cached_from" in before else ""))
 
@@ -387,13 +383,13 @@ def _train(argv: list[str]) -> int:
             _say("tepo train: held-out greedy accuracy after training...")
             after = heldout_eval(trainer, heldout, max_new_tokens=max_new, batch_size=script.heldout_batch_size, step=step)
         if main:
-            _write_json(out / "eval_after.json", after)
+            write_json(out / EVAL_AFTER_FILE, after, default=str)
     if test_problems:
         _say(f"tepo train: greedy accuracy on {len(test_problems)} test problems...")
         tested = heldout_eval(trainer, test_problems, max_new_tokens=max_new, batch_size=script.heldout_batch_size,
                               step=int(trainer.state.global_step))
         if main:
-            _write_json(out / "eval_test.json", tested)
+            write_json(out / EVAL_TEST_FILE, tested, default=str)
 
     rows = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).exists() else []
     first, last = _reward_first_last(rows)
