@@ -9,7 +9,8 @@ is ``verify(parse(gold), parse(completion))`` with its default settings, the gol
 ``$...$`` as its documentation shows, as a user of math-verify would call it. Printed: per class,
 how often each grader agrees with the written verdict, its false positives (scored right, is
 wrong) and false negatives, how often the two graders agree; then the rows where either grader
-differs from the written verdict.
+differs from the written verdict, and how often tepo's verifier overran its budgets (CPU time,
+wall-clock backstop).
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         r["tepo"] = tepo_verdict(r["completion"], r["gold"])
         r["math_verify"] = math_verify_plain(r["completion"], r["gold"])
     print(markdown(rows, args.show))
+    from tepo.rewards import verifier_stats
+
+    stats = verifier_stats()  # a limit that fired would make a verdict depend on the machine's speed
+    print(f"tepo: {stats.get('math_verify', 0)} math-verify verdicts; budgets overrun: CPU time {stats.get('timeout_cpu', 0)}, "
+          f"wall-clock backstop {stats.get('timeout_wall', 0)}")
     if args.json:
         args.json.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0

@@ -111,15 +111,17 @@ def test_no_code_runs_in_process(tmp_path, monkeypatch):
     assert not canary.exists()
 
 
-def test_guard_kills_an_overrunning_call_and_recovers(paths):
-    """A call past the wall-clock limit is cut off (the worker is killed and replaced) and the next
-    call is answered. The limit here is below math-verify's own 1 s alarm, so only the kill can stop it."""
+def test_guard_stops_an_overrunning_call_and_recovers(paths):
+    """A call past its CPU-time budget (0.3 s here) is cut off, counted as ``timeout_cpu`` (and in
+    ``timeout``), and the next call is answered."""
     pred = "9^{9^{9^{9}}}"  # past the pre-screen on purpose: straight to the worker
-    before = rewards.verifier_stats().get("timeout", 0)
+    before = {k: rewards.verifier_stats().get(k, 0) for k in ("timeout", "timeout_cpu", "timeout_wall")}
     start = time.perf_counter()
     assert worker_mod.guarded_math_verify("$" + pred + "$", prepare_gold("5"), 0.3) is False
     assert time.perf_counter() - start < VERDICT_BOUND_S
-    assert rewards.verifier_stats().get("timeout", 0) == before + 1
+    after = {k: rewards.verifier_stats().get(k, 0) for k in before}
+    assert after == {"timeout": before["timeout"] + 1, "timeout_cpu": before["timeout_cpu"] + 1,
+                     "timeout_wall": before["timeout_wall"]}
     start = time.perf_counter()
     assert verify_answer("\\sqrt{12}", "2\\sqrt{3}")
     assert time.perf_counter() - start < VERDICT_BOUND_S  # the warm spare took over
@@ -148,8 +150,8 @@ def test_forked_child_gets_its_own_worker(paths):
 
 
 def test_off_main_thread(paths):
-    """TRL or an evaluator may score from a thread: math-verify's signal timeouts cannot work there,
-    the worker's wall-clock limit still does."""
+    """TRL or an evaluator may score from a thread: no signal works there, the worker's CPU-time
+    budget still does."""
     results: list = []
 
     def score():
@@ -157,7 +159,7 @@ def test_off_main_thread(paths):
             start = time.perf_counter()
             r1 = math_reward_func(["\\boxed{\\sqrt{8}}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{(1,3]}"],
                                   answer=["2\\sqrt{2}", "5", "(1, 3]"])
-            r2 = worker_mod.guarded_math_verify("$(10^{6})!$", prepare_gold("5"), 1.5)
+            r2 = worker_mod.guarded_math_verify("$(10^{6})!$", prepare_gold("5"), worker_mod.VERIFY_CPU_S)
             results.append((r1, r2, time.perf_counter() - start))
         except BaseException as err:  # noqa: BLE001 - reported below
             results.append(err)

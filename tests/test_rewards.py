@@ -385,6 +385,10 @@ DIGIT_GROUPING = [  # the rule: tepo/rewards/numbers.py, docs/reliability.md
     ("2 3", "5", False),
     ("0 5", "5", False),
     ("\\frac 3 8", "0.375", True),  # two arguments of \frac, not a grouping
+    # a TeX group {...} is no bracket (issue 28; MATH writes \dfrac{1}{29,\!322,\!216})
+    ("\\frac{1}{29,\\!322,\\!216}", "\\frac{1}{29322216}", True),
+    ("\\sqrt{1,000}", "10\\sqrt{10}", True),
+    ("\\{1,000\\}", "1000", False),  # set braces are brackets: the set {1, 0}
 ]
 EULERS_NUMBER = [
     ("1", "1 - \\frac{1}{\\mathrm{e}}", False),
@@ -449,3 +453,52 @@ def test_golds_are_prepared_at_load_time_and_a_bad_one_is_reported_with_its_row_
     assert gold_mod.prepare_gold("x \\in [-2,7]").parsed  # parsed once, kept
     with pytest.raises(GoldError):  # a caller that skipped preparation still gets an error, not a silent 0
         math_reward("\\boxed{1}", "\\")
+
+
+# --------------------------------------------------------------------------------------------
+# an answer is read as a whole or not at all (issue 28). math-verify's parse searches a whole
+# completion: when it cannot read the span it is given, it goes on to a part of it (a number
+# inside, the part after the last "=" of a chain), and that part was judged in place of the
+# answer. Each READ_AS_A_PART row scored 1.0 before (golds too: a gold read as a part made that
+# part pass); the first three READ_AS_A_WHOLE rows scored 0.0 before.
+
+READ_AS_A_PART = [
+    ("The answer is $\\boxed{-[0,1)}$.", "1"),  # "-[0, 1)" (the comma rule's spacing): "1" after a space
+    ("\\boxed{-[0, 1)}", "1"),
+    ("\\boxed{-(0,1]}", "1"),
+    ("\\boxed{2[0,5)}", "5"),
+    ("\\boxed{-\\{0,1\\}}", "1"),
+    ("\\boxed{t(0,4]}", "4"),
+    ("\\boxed{[0 = x = 5}", "5"),  # the last equation of a chain that does not parse
+    ("\\boxed{2007 + \\frac\\pi 2}", "2"),
+    ("\\boxed{\\begin{pmatrix} 1 & -1 \\\\ 1 & \\phantom -1 \\end{pmatrix}}", "-1"),
+    ("\\boxed{\\text{the answer is } [0, 1)}", "1"),
+    ("\\boxed{\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}}", "2"),
+    # golds of the shared data (MATH train, OlympiadBench, Minerva) that were read as a part:
+    ("\\boxed{216}", "\\dfrac{1}{29,\\!322,\\!216}"),
+    ("\\boxed{0}", "\\dfrac{2469}{20,\\!000}"),
+    ("\\boxed{4}", "t(0,4]"),
+    ("\\boxed{2}", "\\hbar \\omega(v+1 / 2)-\\frac{E_{0}^{2} e^{2}}{2 m \\omega^{2}}"),
+    ("\\boxed{-1}", "\\begin{pmatrix} 1 & -1 \\\\ 1 & \\phantom -1 \\end{pmatrix}"),
+    ("\\boxed{0}", "$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive integer with $\\mho(a)=0$"),
+]
+READ_AS_A_WHOLE = [
+    ("\\boxed{\\frac{1}{29322216}}", "\\dfrac{1}{29,\\!322,\\!216}"),
+    ("\\boxed{0.12345}", "\\dfrac{2469}{20,\\!000}"),
+    ("\\boxed{\\sqrt{1,000}}", "10\\sqrt{10}"),
+    ("\\boxed{8.24}", "\\approx 8.24 \\text{ mph}"),  # a leading \approx states the value
+    ("\\boxed{\\approx 8.24}", "8.24"),
+    ("\\boxed{t(0,4]}", "t(0,4]"),  # what math-verify cannot read equals only the same text
+    ("\\boxed{-[0,1)}", "-[0,1)"),
+    ("\\boxed{[0, 1)}", "[0,1)"),
+]
+
+
+@pytest.mark.parametrize("completion, gold", READ_AS_A_PART)
+def test_an_answer_is_never_judged_on_a_part_of_it(completion, gold):
+    assert math_reward(completion, gold) == 0.0
+
+
+@pytest.mark.parametrize("completion, gold", READ_AS_A_WHOLE)
+def test_an_answer_read_as_a_whole_is_still_right(completion, gold):
+    assert math_reward(completion, gold) == 1.0

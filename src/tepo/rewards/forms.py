@@ -7,6 +7,9 @@
   x > 2``) and a membership (``x \\in [-2, 7]``) become the interval (``[-2, 7]``), so both forms
   compare equal in both directions.
 * Digit grouping: :func:`tepo.rewards.numbers.group_digits`.
+* A leading ``\\approx`` is dropped (``\\approx 8.24 \\text{ mph}`` states the value 8.24):
+  math-verify reads the answer as a whole or not at all (:mod:`tepo.rewards.parsing`), and
+  cannot read a value that starts with a relation.
 """
 
 from __future__ import annotations
@@ -90,11 +93,16 @@ def inequality_as_interval(s: str) -> str | None:
     return " \\cup ".join(intervals)
 
 
+_RE_APPROX = re.compile(r"^(?:\\approx|\\simeq|≈)(?![A-Za-z])\s*")
+
+
 def math_verify_form(answer: str) -> str | None:
     """``answer`` as one ``$...$`` span for math-verify: Euler's ``e``, intervals and digit grouping
-    rewritten, dollar signs inside (``$69$,$84$``, ``\\$5``) and a final full stop dropped. None
-    when its digits are spaced in no grouping (ambiguous: no verdict can be right)."""
+    rewritten, dollar signs inside (``$69$,$84$``, ``\\$5``), a leading ``\\approx`` and a final
+    full stop dropped. None when its digits are spaced in no grouping (ambiguous: no verdict can be
+    right)."""
     s = answer.replace("\\$", "").replace("$", "").strip().rstrip(".").strip()
+    s = _RE_APPROX.sub("", s)
     s = group_digits(euler(s))
     if s is None:
         return None

@@ -1,9 +1,9 @@
 """Gold answers: trusted input, prepared once each, when the data is loaded.
 
-A gold answer is parsed (math-verify) once, in this process, with a budget that does not depend on
-the machine's load (:data:`GOLD_PARSE_TIMEOUT_S`, far above any parse of a real answer; the
-answers' own budget is 1.5 s and must stay short, since they are untrusted). The result is cached
-for the process's life. A gold that cannot be parsed even so raises :class:`GoldError`: from
+A gold answer is parsed (math-verify, as a whole: :func:`tepo.rewards.parsing.parse_whole`) once,
+in this process, with a budget far above any parse of a real answer (:data:`GOLD_PARSE_TIMEOUT_S`;
+the answers' own budget is 1 s of CPU time and must stay short, since they are untrusted). The
+result is cached for the process's life. A gold that cannot be parsed even so raises :class:`GoldError`: from
 :func:`prepare_golds`, with the data source, row and problem id, before any model is loaded; from
 :func:`prepare_gold` (and so from the reward functions) when a caller skipped that step. It never
 turns into a silent 0. The worker process parses its own copy with the same budget (sympy objects
@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from tepo.rewards.forms import count_parts, math_verify_form
 from tepo.rewards.numbers import Number, plain_number
+from tepo.rewards.parsing import parse_whole
 from tepo.rewards.stats import stats
 from tepo.tasks.data import DataError
 
@@ -66,11 +67,9 @@ def check_gold(gold: Any) -> str:
 
 
 def _parse(latex: str) -> list:
-    from math_verify import parse
-
     # math-verify's timeout is a signal alarm: only on the main thread; elsewhere no limit (trusted).
     on_main = threading.current_thread() is threading.main_thread()
-    return parse(latex, parsing_timeout=GOLD_PARSE_TIMEOUT_S if on_main else None)
+    return parse_whole(latex, GOLD_PARSE_TIMEOUT_S if on_main else None)
 
 
 def prepare_gold(gold: str, *, parse: bool = True) -> Gold:

@@ -9,10 +9,11 @@ Digit grouping (both the answer and the gold follow it; see docs/reliability.md)
   ``12 34``) makes the answer ambiguous: it is read as no number at all (math-verify would read
   ``1 000`` as 1*000 = 0 and ``2 3`` as 5), so it can never be a false positive.
 * A comma between digits (``,`` or ``{,}``) is a thousands separator under the same grouping
-  rule and only outside brackets (``58,500`` = 58500, but ``(312,123,231)`` is a triple). Any
-  other comma between digits separates items of a list: ``0,111`` is the pair 0, 111, never
-  111 and never the decimal 0.111 (a decimal comma is not read: a false negative for writers who
-  use one, never a false positive).
+  rule and only outside brackets (``58,500`` = 58500, but ``(312,123,231)`` is a triple; brackets
+  are ``()``, ``[]`` and the set braces ``\\{\\}``, not a TeX group ``{...}``:
+  ``\\frac{1}{29,\\!322}`` = ``\\frac{1}{29322}``). Any other comma between digits separates
+  items of a list: ``0,111`` is the pair 0, 111, never 111 and never the decimal 0.111 (a decimal
+  comma is not read: a false negative for writers who use one, never a false positive).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ _RE_GROUPED = re.compile(r"[1-9][0-9]{0,2}(?:\|[0-9]{3})+")  # groups joined by 
 
 
 def _depths(s: str) -> list[int]:
-    """Bracket depth before each character (``(``, ``[``, ``{`` open; ``)``, ``]``, ``}`` close)."""
+    """Bracket depth before each character: ``(``, ``[`` and the set brace ``\\{`` open; ``)``,
+    ``]``, ``\\}`` close. A TeX group ``{...}`` (the argument of ``\\frac``, ``\\sqrt``, ``^``,
+    ``_``...) is no bracket: ``\\frac{1}{29,322,216}`` holds one number."""
     out, depth = [], 0
-    for c in s:
+    for i, c in enumerate(s):
         out.append(depth)
-        depth += (c in "([{") - (c in ")]}")
+        set_brace = i > 0 and s[i - 1] == "\\"
+        depth += (c in "([" or (c == "{" and set_brace)) - (c in ")]" or (c == "}" and set_brace))
     return out
 
 

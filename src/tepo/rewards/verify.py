@@ -2,8 +2,8 @@
 
 Plain numbers on both sides are decided exactly in this process (:mod:`tepo.rewards.numbers`).
 Everything else is rewritten into math-verify's form (:mod:`tepo.rewards.forms`), passes the
-pre-screen (:mod:`tepo.rewards.prescreen`) and goes to math-verify in a worker process with a hard
-wall-clock limit (:mod:`tepo.rewards.worker`), against the gold answer prepared once
+pre-screen (:mod:`tepo.rewards.prescreen`) and goes to math-verify in a worker process under a
+CPU-time budget (:mod:`tepo.rewards.worker`), against the gold answer prepared once
 (:mod:`tepo.rewards.gold`).
 """
 
@@ -17,7 +17,7 @@ from tepo.rewards.gold import GoldError, check_gold, clean, prepare_gold
 from tepo.rewards.numbers import group_digits, numbers_equal, plain_number
 from tepo.rewards.prescreen import refusal_reason
 from tepo.rewards.stats import stats, warn_once
-from tepo.rewards.worker import VERIFY_TIMEOUT_S, guarded_math_verify
+from tepo.rewards.worker import VERIFY_CPU_S, guarded_math_verify
 
 
 def verify_answer(pred: str, gold: str, *, timeout: float | None = None) -> bool:
@@ -27,8 +27,10 @@ def verify_answer(pred: str, gold: str, *, timeout: float | None = None) -> bool
     ``1/2``, ``1,000`` = ``1 000`` = ``1000``, ``x = 5`` = ``5``, ``25\\%`` = ``25`` or ``0.25``,
     ``\\$5`` = ``5``; a decimal matches a non-integer gold when both round alike at 6 places; digit
     grouping follows :mod:`tepo.rewards.numbers`). Anything else goes to math-verify after
-    :func:`refusal_reason` (a refused answer is wrong), in a worker process killed after
-    ``timeout`` seconds (default :data:`VERIFY_TIMEOUT_S`; an overrun answer is wrong).
+    :func:`refusal_reason` (a refused answer is wrong), in a worker process, under a budget of
+    ``timeout`` seconds of the CPU time the verification itself uses (default
+    :data:`VERIFY_CPU_S`; not the wall clock, so the machine's load does not change a verdict) and
+    a wall-clock backstop many times longer; an answer over either is wrong.
     Raises only on a bad gold: not a string, empty (TypeError/ValueError), or one math-verify
     cannot parse (:class:`GoldError`).
     """
@@ -39,7 +41,7 @@ def verify_answer(pred: str, gold: str, *, timeout: float | None = None) -> bool
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return False
     try:
-        return _verify_clean(pred, gold, VERIFY_TIMEOUT_S if timeout is None else float(timeout))
+        return _verify_clean(pred, gold, VERIFY_CPU_S if timeout is None else float(timeout))
     except GoldError:
         raise
     except Exception as err:  # noqa: BLE001 - a bug on our side must not crash on a completion
@@ -49,7 +51,7 @@ def verify_answer(pred: str, gold: str, *, timeout: float | None = None) -> bool
 
 
 @lru_cache(maxsize=1 << 16)
-def _verify_clean(pred: str, gold_text: str, timeout: float) -> bool:
+def _verify_clean(pred: str, gold_text: str, cpu_s: float) -> bool:
     # Cached: in RL the same answer to the same problem comes back many times, and a refused or
     # overrun answer should cost its time once only. The gold's parse never counts against it.
     gold = prepare_gold(gold_text, parse=False)
@@ -64,7 +66,7 @@ def _verify_clean(pred: str, gold_text: str, timeout: float) -> bool:
     if pred_latex is None or refusal_reason(pred_latex, gold.latex) is not None:
         stats["refused"] += 1
         return False
-    return guarded_math_verify(pred_latex, prepare_gold(gold_text), timeout)
+    return guarded_math_verify(pred_latex, prepare_gold(gold_text), cpu_s)
 
 
 def clear_cache() -> None:

@@ -1,11 +1,26 @@
-"""math-verify in a worker process with a hard wall-clock limit, or in this process without one.
+"""math-verify in a worker process with a CPU-time budget per answer, or in this process.
 
-math-verify's own ``signal.alarm`` timeouts cannot interrupt one long C-level operation (a huge
-integer power, say) and work only on the main thread, so an answer is verified in a child process
-that is killed and replaced when a call overruns its limit. The limit covers the answer only: the
-first time a worker meets a gold answer it parses it, in a request of its own under the gold
-budget (:data:`tepo.rewards.gold.GOLD_PARSE_TIMEOUT_S`), and keeps it. Both sides arrive already rewritten
-(:func:`tepo.rewards.forms.math_verify_form`).
+The budget of one answer's verification is the CPU time the verification itself uses
+(:data:`VERIFY_CPU_S`), never the wall clock: on a loaded machine a verification gets less of the
+CPU per second but needs the same CPU time, so load does not change its verdict. Two guards count it:
+
+* the worker's own CPU-time timer (``ITIMER_PROF``, the worker's user + system time) interrupts the
+  verification at the budget; the worker answers "over budget" and stays alive;
+* the parent reads the worker's CPU time (``/proc/PID/stat``, else psutil) while it waits and kills
+  the worker when it passes the budget by :data:`CPU_KILL_GRACE_S`: one long C-level operation (a
+  huge integer power, say) does not return to the interpreter, so the timer cannot interrupt it.
+
+A wall-clock backstop, :data:`WALL_BACKSTOP_FACTOR` times the CPU budget, catches what a CPU budget
+cannot: a worker that is not scheduled at all (stopped, swapped out). Each limit that fires is
+counted (``timeout_cpu``, ``timeout_wall``; ``timeout`` is their sum) in
+:func:`tepo.rewards.verifier_stats`. A killed worker is replaced by a warm spare.
+
+Before each answer the worker clears sympy's and math-verify's caches, so the work (and the CPU
+time) a verification takes does not depend on the answers verified before it. The budget covers
+the answer only: the first time a worker meets a gold answer it parses it, in a request of its own
+under the gold budget (:data:`tepo.rewards.gold.GOLD_PARSE_TIMEOUT_S`), and keeps it. Both sides
+arrive already rewritten (:func:`tepo.rewards.forms.math_verify_form`) and are parsed as a whole
+(:func:`tepo.rewards.parsing.parse_whole`).
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -22,27 +38,84 @@ import time
 from pathlib import Path
 
 from tepo.rewards.gold import GOLD_PARSE_TIMEOUT_S, Gold, parsed_gold
+from tepo.rewards.parsing import parse_whole
 from tepo.rewards.stats import stats, warn_once
 
-VERIFY_TIMEOUT_S = 1.5  # wall-clock limit of one answer's math-verify call (the worker is killed after it)
+VERIFY_CPU_S = 1.0  # CPU seconds one answer's verification may use (parse + compare), whatever the load
+WALL_BACKSTOP_FACTOR = 15  # wall-clock backstop: this many times the CPU budget (15 s by default)
+VERIFY_WALL_S = WALL_BACKSTOP_FACTOR * VERIFY_CPU_S
+CPU_KILL_GRACE_S = 0.25  # the parent kills a worker this much CPU time past the budget
+VERIFY_TIMEOUT_S = VERIFY_CPU_S  # the name of the budget before 2026-12-07 (then 1.5 s of wall clock)
 WORKER_START_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core box can take a while
 WORKER_MEMORY_BYTES = 4 << 30  # address-space limit of the worker (a huge power fails fast)
 MAX_WORKER_GOLDS = 1 << 14  # parsed gold answers a worker keeps
+POLL_S = 0.02  # how often the parent reads the worker's CPU time while it waits
 
 
-def _verify_parsed(pred_latex: str, gold_parsed: list, timeout_s: int | None) -> bool:
-    from math_verify import parse, verify
+def _verify_parsed(pred_latex: str, gold_parsed: list) -> bool:
+    """math-verify's verdict, with none of its own (wall-clock) timeouts: the caller limits it."""
+    from math_verify import verify
 
-    pred_parsed = parse(pred_latex, parsing_timeout=timeout_s)
+    pred_parsed = parse_whole(pred_latex, None)
     if not pred_parsed:
         return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def clear_verification_caches() -> None:
+    """Forget what sympy and math-verify cached from earlier verifications, so that the work one
+    verification does (and its CPU time) does not depend on what was verified before."""
+    from math_verify import parser as mv_parser
+    from sympy.core.cache import clear_cache
+
+    clear_cache()
+    for name in ("parse_latex_cached", "parse_expr_cached", "extract_latex"):
+        cached = getattr(mv_parser, name, None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+
+
+class CpuBudgetExceeded(BaseException):
+    """Raised in the verifying thread when its process's CPU-time timer fires. A BaseException:
+    math-verify turns every Exception into "not equal" and would go on."""
+
+
+_armed = False
+
+
+def _on_cpu_timer(signum, frame) -> None:  # noqa: ARG001
+    if _armed:
+        raise CpuBudgetExceeded
+
+
+def verify_within_cpu(pred_latex: str, gold_parsed: list, cpu_s: float) -> bool | None:
+    """math-verify's verdict on ``pred_latex``, or None when the verification used more than
+    ``cpu_s`` seconds of this process's CPU time (``ITIMER_PROF``: user + system time). Main thread
+    only (a signal handler). Caches are cleared first (:func:`clear_verification_caches`)."""
+    global _armed
+    clear_verification_caches()
+    old_handler = signal.signal(signal.SIGPROF, _on_cpu_timer)
+    old_timer: tuple[float, float] = (0.0, 0.0)
+    try:
+        try:
+            _armed = True
+            old_timer = signal.setitimer(signal.ITIMER_PROF, cpu_s)
+            try:
+                return _verify_parsed(pred_latex, gold_parsed)
+            finally:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+                _armed = False
+        except CpuBudgetExceeded:
+            _armed = False
+            return None
+    finally:
+        signal.signal(signal.SIGPROF, old_handler)
+        if old_timer[0] > 0:  # someone else's CPU timer (a profiler): give it back
+            signal.setitimer(signal.ITIMER_PROF, *old_timer)
 
 
 def worker_main() -> None:
     """The worker's loop: one JSON request a line on stdin, one JSON verdict a line back."""
-    from math_verify import parse
-
     proto = os.fdopen(os.dup(1), "w", encoding="ascii", newline="\n")
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
     _die_with_parent()
@@ -52,12 +125,12 @@ def worker_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ImportError, ValueError, OSError):
         pass
-    logging.disable(logging.CRITICAL)  # math-verify logs every timeout as a warning
+    logging.disable(logging.CRITICAL)  # math-verify logs every failed parse
     import warnings
 
     warnings.simplefilter("ignore")
     golds: dict[str, list] = {}
-    _verify_parsed("$x+1$", parse("$1+x$"), 5)  # import and warm up sympy and the parsers before "ready"
+    _verify_parsed("$x+1$", parse_whole("$1+x$", None))  # import and warm up sympy and the parsers before "ready"
     proto.write("ready\n")
     proto.flush()
     for line in sys.stdin.buffer:
@@ -67,13 +140,14 @@ def worker_main() -> None:
             if gold not in golds:
                 if len(golds) >= MAX_WORKER_GOLDS:
                     golds.clear()
-                golds[gold] = parse(gold, parsing_timeout=request["gold_t"])
+                golds[gold] = parse_whole(gold, request["gold_t"])
             if "pred" not in request:  # a gold answer to parse and keep, with its own budget
                 reply = {"gold_ok": bool(golds[gold])}
             elif not golds[gold]:
                 reply = {"ok": False, "gold_ok": False}
             else:
-                reply = {"ok": _verify_parsed(request["pred"], golds[gold], request["t"]), "gold_ok": True}
+                ok = verify_within_cpu(request["pred"], golds[gold], request["cpu"])
+                reply = {"ok": False, "gold_ok": True, "over": "cpu"} if ok is None else {"ok": ok, "gold_ok": True}
         except Exception as err:  # noqa: BLE001 - a verdict, never a crash
             reply = {"ok": False, "gold_ok": True, "error": type(err).__name__}
         proto.write(json.dumps(reply) + "\n")
@@ -84,11 +158,44 @@ def _die_with_parent() -> None:
     """Linux: ask for SIGKILL when the parent dies, so a worker stuck in C never outlives it."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - best effort only
         pass
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_cpu_source: str | None = None  # "proc", "psutil" or "none", decided on first use
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user + system) process ``pid`` has used so far, or None when it cannot be read
+    (no /proc and no psutil, or the process is gone)."""
+    global _cpu_source
+    if _cpu_source is None:
+        if os.path.exists(f"/proc/{os.getpid()}/stat"):
+            _cpu_source = "proc"
+        else:
+            try:
+                import psutil  # noqa: F401
+            except ImportError:
+                _cpu_source = "none"
+            else:
+                _cpu_source = "psutil"
+    try:
+        if _cpu_source == "proc":
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            fields = data[data.rindex(b")") + 2 :].split()  # after the command name, which may hold spaces
+            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+        if _cpu_source == "psutil":
+            import psutil
+
+            times = psutil.Process(pid).cpu_times()
+            return times.user + times.system
+    except Exception:  # noqa: BLE001 - unreadable: the wall-clock backstop still holds
+        return None
+    return None
 
 
 class _Worker:
@@ -107,46 +214,58 @@ class _Worker:
         self.golds: set[str] = set()
         self._buf = b""
 
-    def _readline(self, deadline: float) -> bytes | None:
+    def _readline(self, wall_s: float, cpu_s: float | None = None, cpu_start: float | None = None) -> bytes | str:
+        """The next line from the worker, or the limit it overran first: ``"cpu"`` when its CPU time
+        passed ``cpu_start + cpu_s`` (not checked when ``cpu_s`` or ``cpu_start`` is None),
+        ``"wall"`` when ``wall_s`` seconds of wall clock passed."""
         fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + wall_s
+        watch_cpu = cpu_s is not None and cpu_start is not None
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
-            readable, _, _ = select.select([fd], [], [], left)
-            if not readable:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise EOFError("math-verify worker exited")
-            self._buf += chunk
+                return "wall"
+            if watch_cpu:
+                used = process_cpu_seconds(self.proc.pid)
+                if used is not None and used - cpu_start > cpu_s:
+                    return "cpu"
+            readable, _, _ = select.select([fd], [], [], min(left, POLL_S) if watch_cpu else left)
+            if readable:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise EOFError("math-verify worker exited")
+                self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
     def wait_ready(self, timeout: float) -> bool:
         if not self.ready:
-            line = self._readline(time.monotonic() + timeout)
+            line = self._readline(timeout)
             self.ready = line == b"ready"
         return self.ready
 
-    def _request(self, request: dict, timeout: float) -> dict | None:
+    def _request(self, request: dict, wall_s: float, cpu_s: float | None = None) -> dict | str:
+        cpu_start = process_cpu_seconds(self.proc.pid) if cpu_s is not None else None
         self.proc.stdin.write((json.dumps(request) + "\n").encode("ascii"))
         self.proc.stdin.flush()
-        line = self._readline(time.monotonic() + timeout)
-        return None if line is None else json.loads(line)
+        line = self._readline(wall_s, cpu_s, cpu_start)
+        return line if isinstance(line, str) else json.loads(line)
 
-    def call(self, pred: str, gold: str, timeout: float) -> dict | None:
-        """The reply, or None when the call overran ``timeout`` (the worker is then useless). The
+    def call(self, pred: str, gold: str, cpu_s: float, wall_s: float) -> dict | str:
+        """The reply, or the limit (``"cpu"``, ``"wall"``) at which the parent stopped waiting (the
+        worker is then useless). The worker stops itself at ``cpu_s`` of CPU time (reply ``"over":
+        "cpu"``); the parent gives up at :data:`CPU_KILL_GRACE_S` past it or at ``wall_s``. The
         first time this worker meets ``gold`` it parses it first, in a call of its own under the
-        gold budget, so the answer's limit covers the answer only."""
+        gold budget, so the answer's budget covers the answer only."""
         if gold not in self.golds:
             if len(self.golds) >= MAX_WORKER_GOLDS:  # the worker clears its cache at this size too
                 self.golds.clear()
             reply = self._request({"gold": gold, "gold_t": GOLD_PARSE_TIMEOUT_S}, GOLD_PARSE_TIMEOUT_S + 5)
-            if reply is None or not reply.get("gold_ok"):
-                return None if reply is None else {"ok": False, "gold_ok": False}
+            if isinstance(reply, str) or not reply.get("gold_ok"):
+                return reply if isinstance(reply, str) else {"ok": False, "gold_ok": False}
             self.golds.add(gold)
-        return self._request({"pred": pred, "gold": gold, "t": max(1, int(timeout)), "gold_t": GOLD_PARSE_TIMEOUT_S}, timeout)
+        request = {"pred": pred, "gold": gold, "cpu": cpu_s, "gold_t": GOLD_PARSE_TIMEOUT_S}
+        return self._request(request, wall_s, cpu_s + CPU_KILL_GRACE_S)
 
     def kill(self) -> None:
         try:
@@ -162,7 +281,7 @@ class _Worker:
 
 
 class _Guard:
-    """Runs math-verify in a worker process with a hard wall-clock limit.
+    """Runs math-verify in a worker process under a CPU-time budget and a wall-clock backstop.
 
     A warm spare waits beside the active worker, so replacing a killed worker costs the next call
     nothing; a new spare starts at once. Calls are serialised (one lock per process); a forked child
@@ -198,7 +317,7 @@ class _Guard:
         self._active = None
         stats["worker_restart"] += 1
 
-    def verify(self, pred: str, gold: str, timeout: float) -> dict | None:
+    def verify(self, pred: str, gold: str, cpu_s: float, wall_s: float) -> dict | str:
         with self._lock:
             try:
                 worker = self._ensure()
@@ -207,12 +326,12 @@ class _Guard:
                 self.unavailable = f"{type(err).__name__}: {err}"
                 raise
             try:
-                reply = worker.call(pred, gold, timeout)
+                reply = worker.call(pred, gold, cpu_s, wall_s)
             except (OSError, EOFError, ValueError):
                 reply = {"ok": False, "gold_ok": True, "error": "worker died"}
                 self._retire_active()
                 return reply
-            if reply is None:
+            if isinstance(reply, str):  # overran a limit: the worker may be stuck in C
                 self._retire_active()
                 if self._spare is not None:  # promote the spare now; its replacement warms up
                     self._active, self._spare = self._spare, _Worker()
@@ -233,18 +352,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=guard.after_fork_in_child)
 
 
-def guarded_math_verify(pred_latex: str, gold: Gold, timeout: float) -> bool:
-    """math-verify's verdict on ``pred_latex`` against ``gold``, in the worker (False when it
-    overruns ``timeout``), or in this process when no worker can run."""
+def _over(limit: str) -> bool:
+    stats["timeout"] += 1
+    stats[f"timeout_{limit}"] += 1
+    return False
+
+
+def guarded_math_verify(pred_latex: str, gold: Gold, cpu_s: float, wall_s: float | None = None) -> bool:
+    """math-verify's verdict on ``pred_latex`` against ``gold``, in the worker, False when the
+    verification uses more than ``cpu_s`` seconds of CPU time or when ``wall_s`` of wall clock
+    pass first (default :data:`WALL_BACKSTOP_FACTOR` x ``cpu_s``); in this process when no worker
+    can run."""
+    wall_s = WALL_BACKSTOP_FACTOR * cpu_s if wall_s is None else wall_s
     if guard.unavailable is None and os.name == "posix" and sys.executable:
         try:
-            reply = guard.verify(pred_latex, gold.latex, timeout)
+            reply = guard.verify(pred_latex, gold.latex, cpu_s, wall_s)
         except (OSError, RuntimeError, EOFError, ValueError):
             warn_once("worker", f"math-verify worker unavailable ({guard.unavailable}); verifying in process")
         else:
-            if reply is None:
-                stats["timeout"] += 1
-                return False
+            if isinstance(reply, str):
+                return _over(reply)
+            if reply.get("over"):
+                return _over(reply["over"])
             stats["math_verify"] += 1
             if reply.get("error"):
                 stats["worker_error"] += 1
@@ -252,12 +381,14 @@ def guarded_math_verify(pred_latex: str, gold: Gold, timeout: float) -> bool:
                 stats["worker_gold_unparsed"] += 1
                 warn_once(f"gold:{gold.text}", f"the math-verify worker cannot parse the gold answer {gold.text!r}")
             return bool(reply["ok"])
-    # No worker: math-verify here, on the gold parsed once in this process, with signal timeouts
-    # for the answer only where they work (the main thread).
+    # No worker: math-verify here, on the gold parsed once in this process, under the same CPU
+    # budget where a CPU timer works (the main thread; it counts the whole process's CPU time).
     stats["in_process"] += 1
     gold = parsed_gold(gold)
-    on_main = threading.current_thread() is threading.main_thread()
     try:
-        return _verify_parsed(pred_latex, gold.parsed, max(1, int(timeout)) if on_main else None)
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+            ok = verify_within_cpu(pred_latex, gold.parsed, cpu_s)
+            return _over("cpu") if ok is None else ok
+        return _verify_parsed(pred_latex, gold.parsed)
     except Exception:  # noqa: BLE001
         return False
