@@ -51,5 +51,7 @@ def test_tepo_train_with_vllm_colocate_two_steps(tmp_path):
         assert row["rollout_logp_gap_max"] < 1e-3, row
         assert 0.99 < row["rollout_is_ratio_min"] <= row["rollout_is_ratio_max"] < 1.01
         assert row["rollout_is_truncated_frac"] == 0.0 and row["rollout_is_masked_frac"] == 0.0
+        # the engine's prefix cache served part of each rollout's prompts (they share the template)
+        assert 0.0 < row["vllm_prefix_cache_hit_rate"] <= 1.0, row
     # step 1 moved the weights step 2 sampled with (Adam at lr 1e-2: about 1e-2 per weight, whatever the norm)
     assert rows[0]["grad_norm"] > 0, rows

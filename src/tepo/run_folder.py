@@ -82,6 +82,7 @@ ROLLOUT_CORRECTION_KEYS = (
 EXTRA_KEYS = (
     "heldout_accuracy",
     *ROLLOUT_CORRECTION_KEYS,
+    "vllm_prefix_cache_hit_rate",  # share of a rollout's prompt tokens the colocated engine's prefix cache served
     "nonfinite_skipped",
     "rollout",
     "dynamic_sampling/rounds",

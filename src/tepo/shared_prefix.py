@@ -182,11 +182,12 @@ def add_shared_prefix_generate(model) -> None:
     goes to the model's own `generate` unchanged. Idempotent."""
     if getattr(model.generate, "_tepo_shared_prefix", False):
         return
-    plain_generate = model.generate
+    inner = model.generate.__func__  # bound to `self` at each call: a deep copy generates with its own weights
 
-    @functools.wraps(plain_generate)
-    def generate(*args, **kwargs):
-        config = kwargs.get("generation_config") or model.generation_config
+    @functools.wraps(inner)
+    def generate(self, *args, **kwargs):
+        plain_generate = types.MethodType(inner, self)
+        config = kwargs.get("generation_config") or self.generation_config
         plain = (
             args or kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None
             or kwargs.get("past_key_values") is not None
@@ -199,12 +200,12 @@ def add_shared_prefix_generate(model) -> None:
             return plain_generate(*args, **kwargs)
         pad = getattr(config, "pad_token_id", None)
         return generate_shared_prefix(
-            model, kwargs.pop("input_ids"), kwargs.pop("attention_mask"), pad_token_id=0 if pad is None else int(pad),
+            self, kwargs.pop("input_ids"), kwargs.pop("attention_mask"), pad_token_id=0 if pad is None else int(pad),
             generate=plain_generate, **kwargs,
         )
 
     generate._tepo_shared_prefix = True
-    model.generate = generate
+    model.generate = types.MethodType(generate, model)
 
 
 def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, k: int, pad_token_id: int):

@@ -28,9 +28,12 @@ def cpu_engine_defaults() -> dict:
     - vLLM's OpenMP threads bound to every core this process may use (its default keeps one core
       for the scheduler, which nearly halved decoding speed on 2 cores); set
       VLLM_CPU_OMP_THREADS_BIND to choose otherwise;
-    - a 2 GiB KV cache (VLLM_CPU_KVCACHE_SPACE; vLLM's default is 4)."""
+    - a 2 GiB KV cache (VLLM_CPU_KVCACHE_SPACE; vLLM's default is 4);
+    - prefix caching on, said explicitly (a rollout holds each prompt G times, and every prompt starts
+      with the same chat template and worked example), and the engine's statistics kept, so that its
+      prefix-cache hit rate can be read (`vllm_prefix_cache_hit_rate` in metrics.jsonl)."""
     cores = sorted(os.sched_getaffinity(0))
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    return {"enforce_eager": True, "dtype": "float32"}
+    return {"enforce_eager": True, "dtype": "float32", "enable_prefix_caching": True, "disable_log_stats": False}

@@ -75,9 +75,6 @@ class TEPOTrainer(GRPOTrainerSeams):
     held-out evaluation every `args.heldout_eval_steps` steps, decoded in batches of `heldout_batch_size`.
     """
 
-    _tag_names = ["trl", "grpo", "tepo"]
-    _name = "TEPO"
-
     def __init__(self, model, reward_funcs=None, args: TEPOConfig | None = None, *,
                  heldout_problems: Sequence[dict] | None = None, heldout_batch_size: int = 16, **kwargs):
         if not isinstance(args, TEPOConfig):
@@ -282,6 +279,9 @@ class TEPOTrainer(GRPOTrainerSeams):
             stats.update(ds_stats)
         self._rollout_count += 1
         stats["rollout"] = float(self._rollout_count)
+        hit_rate = getattr(getattr(self, "vllm_generation", None), "prefix_cache_hit_rate", None)
+        if hit_rate is not None:  # the colocated engine's prefix cache on this rollout (tepo.training.vllm_sync)
+            stats["vllm_prefix_cache_hit_rate"] = hit_rate
         self._rollout_metrics = stats  # statistics of the freshly sampled groups, before any filtering
         return batch
 

@@ -17,6 +17,9 @@ module, so that a TRL upgrade touches this file only. Written against TRL 1.16 /
 | `_metrics[mode][name]` (TRL's metric buffer) | `metric_values(mode)`                        |
 | `_tokenizer`                                 | `text_tokenizer`                             |
 | `_entropy_bonus_enabled`                     | `disable_trl_entropy_bonus()`                |
+| `_tag_names`, `_name` (the model card's tags and name) | class attributes of `GRPOTrainerSeams` |
+| `VLLMGeneration._init_vllm()` (engine start) | hook `init_engine()`; TRL's own: `trl_init_engine()` (`vllm_generation_seams`) |
+| `VLLMGeneration._iter_named_params()`        | `trl_named_params()`                           |
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ STAGING_DIR = ".checkpoint-staging"
 
 class GRPOTrainerSeams(GRPOTrainer):
     """GRPOTrainer whose private methods call public hooks (see the module docstring)."""
+
+    _tag_names = ["trl", "grpo", "tepo"]  # TRL's model card
+    _name = "TEPO"
 
     # ---- hooks a subclass implements (defaults: TRL's behaviour)
 
@@ -142,3 +148,25 @@ def pop_last_metric(trainer: GRPOTrainerSeams, name: str, mode: str = "train") -
     if values:
         values.pop()
 
+
+
+def vllm_generation_seams():
+    """TRL's `VLLMGeneration` (its vLLM engine for rollouts) with its private engine start forwarded
+    to a hook `init_engine()` (default TRL's, `trl_init_engine()`) and its weight iterator public as
+    `trl_named_params()`. Built on call: TRL imports vLLM's side only when `use_vllm` is on."""
+    from trl.generation import vllm_generation
+
+    class VLLMGenerationSeams(vllm_generation.VLLMGeneration):
+        def init_engine(self):
+            return self.trl_init_engine()
+
+        def trl_init_engine(self):
+            return vllm_generation.VLLMGeneration._init_vllm(self)
+
+        def trl_named_params(self):
+            return self._iter_named_params()
+
+        def _init_vllm(self):
+            return self.init_engine()
+
+    return VLLMGenerationSeams

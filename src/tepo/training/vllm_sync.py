@@ -98,18 +98,20 @@ def _build_generation_class():
     from trl.generation import vllm_generation
     from trl.generation.vllm_client import VLLMClient
 
-    class TEPOVLLMGeneration(vllm_generation.VLLMGeneration):
+    from tepo.training.trl_internals import vllm_generation_seams
+
+    class TEPOVLLMGeneration(vllm_generation_seams()):
         """TRL's VLLMGeneration; on a CPU engine, the weight sync goes through `reload_into_engine`."""
 
-        def _init_vllm(self):
+        def init_engine(self):
             self._cpu_engine = engine_on_cpu()
             if not self._cpu_engine:
-                return super()._init_vllm()
+                return self.trl_init_engine()
             if self.mode == "colocate":
                 with _cpu_engine_settings(vllm_generation):
-                    return super()._init_vllm()
+                    return self.trl_init_engine()
             if self.mode != "server":
-                return super()._init_vllm()  # TRL names the valid modes
+                return self.trl_init_engine()  # TRL names the valid modes
             # TRL's init_communicator needs CUDA (NCCL); generation over HTTP does not. The server's
             # engine settings are its own command line's (docs/scaling.md).
             if self.accelerator.is_main_process:
@@ -117,10 +119,33 @@ def _build_generation_class():
                 self.vllm_client = VLLMClient(base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout)
             self.accelerator.wait_for_everyone()
 
+        def generate(self, *args, **kwargs):
+            out = super().generate(*args, **kwargs)
+            if self.mode == "colocate":
+                self.prefix_cache_hit_rate = self._prefix_cache_hit_rate()
+            return out
+
+        def _prefix_cache_hit_rate(self) -> float:
+            """Share of the prompt tokens of the last `generate` that the engine's prefix cache served
+            (vLLM's own counters; NaN where the engine keeps no statistics)."""
+            counts = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0}
+            try:
+                metrics = self.llm.get_metrics()
+            except (AssertionError, AttributeError, RuntimeError):  # stats disabled, or another engine
+                return float("nan")
+            for metric in metrics:
+                if metric.name in counts:
+                    counts[metric.name] += int(getattr(metric, "value", 0))
+            queries, hits = counts["vllm:prefix_cache_queries"], counts["vllm:prefix_cache_hits"]
+            last = getattr(self, "_prefix_cache_counts", (0, 0))
+            self._prefix_cache_counts = (queries, hits)
+            new_queries = queries - last[0]
+            return (hits - last[1]) / new_queries if new_queries > 0 else float("nan")
+
         def _named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
             # TRL's iterator gathers one parameter at a time (ZeRO-3, FSDP, PEFT merged); the reload may
             # keep a tensor past its gather, so each is copied out.
-            for name, tensor in self._iter_named_params():
+            for name, tensor in self.trl_named_params():
                 yield name, tensor.detach().clone()
 
         def sync_weights(self):
