@@ -13,8 +13,8 @@
    forwarded + 6 x hidden x vocabulary x scored positions; attention's own products left out), so
    FLOPs / peak is the least time the step could take.
 
-    flock /tmp/tepo-cpu.lock .venv/bin/python bench/speed.py            # all three, ~15-20 min
-    .venv/bin/python bench/speed.py --from_json results.json             # re-render only
+    flock /tmp/tepo-cpu.lock .venv/bin/python bench/speed.py --json results/bench/speed.json   # ~6 min here
+    .venv/bin/python bench/speed.py --from_json results/bench/speed.json                     # re-render only
 
 Each part's results go to --json as they finish (a stopped run keeps what it measured); the
 section `speed_cpu` of docs/benchmarks.md is rewritten at the end.
@@ -206,14 +206,17 @@ def render(r: dict) -> str:
             f"Trainers: `recipes/quickstart.yaml` (TEPO; 8 prompts x 8 completions per rollout, 16 completions per "
             f"optimiser step, 4 steps per rollout, 48 new tokens, fp32, lr 1e-5, same problems and seed), "
             f"{s['steps']} optimiser steps each, generating steps included.", "",
-            "| trainer | mean step s | generate s/step | rest of rollout s/step | update s/step | update tok/s (plain count) | peak RSS GiB |",
-            "|---|---|---|---|---|---|---|",
+            "| trainer | mean step s | generate s/step | rest of rollout s/step | update s/step | update tok/s (plain count) |",
+            "|---|---|---|---|---|---|",
         ]
         for name, x in (("stock TRL GRPOTrainer (plain path)", s), ("tepo (shared prefix)" if t.get("shared_prefix") else "tepo", t)):
             lines.append(f"| {name} | {x['step_s_mean']:.1f} | {x['generate_s_per_step']:.1f} | {x['score_s_per_step']:.1f} | "
-                         f"{x['update_s_per_step']:.1f} | {x['update_tok_per_s']:.0f} | {x['peak_rss_gib']:.1f} |")
+                         f"{x['update_s_per_step']:.1f} | {x['update_tok_per_s']:.0f} |")
         ratio = t["step_s_mean"] / s["step_s_mean"]
-        lines += ["", f"**Mean optimiser step, tepo / stock TRL: {ratio:.2f}** (target <= 0.45). "
+        lines += ["", f"Per-step times: stock {', '.join(f'{v:.1f}' for v in s['step_s'])} s; tepo "
+                  f"{', '.join(f'{v:.1f}' for v in t['step_s'])} s (the first step of a rollout generates). Peak memory: "
+                  "the main job's, measured per run in `results/main-job/` (this bench runs both trainers in one process).",
+                  "", f"**Mean optimiser step, tepo / stock TRL: {ratio:.2f}** (target <= 0.45). "
                   f"Update tokens/s, tepo / stock: **{t['update_tok_per_s'] / s['update_tok_per_s']:.2f}x** (target >= 2.5x). "
                   f"Generation: {s['generate_s_per_step'] / max(t['generate_s_per_step'], 1e-9):.2f}x faster per step."]
         if "peak_gflops" in r and "eval" in r:

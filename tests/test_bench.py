@@ -65,7 +65,9 @@ def test_gpu_bench_dry_run_as_prepared_for_the_device(tmp_path):
 
     memory = json.loads((out / "memory_gpu.json").read_text())
     assert [p["batch_size"] for p in memory["points"]] == [2, 4]
-    assert all(p["peak_gib"] > 0 for p in memory["points"]) and memory["fit"]["batch_size"] >= 4
+    assert all(p["peak_gib"] > 0 for p in memory["points"])
+    fit = memory["fit"]  # at these tiny shapes the peak RSS may not grow with the batch (below its noise)
+    assert (fit["batch_size"] is None and "cannot extrapolate" in fit["how"]) or fit["batch_size"] >= 4, fit
     # the dry run writes nothing to docs/
     assert hashlib.sha256(doc.read_bytes()).hexdigest() == before
 
@@ -126,3 +128,30 @@ def test_main_job_backends_summarises_the_stored_runs(tmp_path, capsys):
     (tmp_path / "vllm-s1" / "time.txt").write_text("nothing of /usr/bin/time here\n")
     with pytest.raises(ValueError, match="vllm-s1/time.txt"):
         main_job_backends.main(["--results", str(tmp_path), "--no_write"])
+
+
+def test_main_job_shared_prefix_summarises_the_stored_runs(tmp_path, capsys):
+    """`bench/main_job_shared_prefix.py` on constructed runs: shared right on every problem, plain on
+    half (seed 0) and on 3 in 4 (seed 1): +50 and +25 points, t-interval over the two seeds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import main_job_shared_prefix
+
+    for seed, plain in ((0, [True, False] * 10), (1, [True, True, True, False] * 5)):
+        _main_job_run(tmp_path / f"shared-s{seed}", [True] * 20)
+        _main_job_run(tmp_path / f"plain-s{seed}", plain)
+    assert main_job_shared_prefix.main(["--results", str(tmp_path), "--no_write"]) == 0
+    out = capsys.readouterr().out
+    assert "| shared_prefix: true (default) | 1 | 28m30s | 90.0 | 30.0 | 10.0 GiB | 0.0% -> 100.0% |" in out
+    assert "shared minus plain: +37.5 points (seed 0: +50.0, seed 1: +25.0;" in out
+    # t(0.975, df=1) = 12.706; std of (50, 25) = 17.68; half width = 12.706 * 17.68 / sqrt(2) = 158.8
+    assert "95% t-interval over the 2 seeds -121.3 to +196.3" in out
+    assert "In 0 of 2 seeds the two variants gave the same verdict" in out
+
+
+def test_speed_bench_renders_the_committed_results():
+    """`bench/speed.py --from_json` on the committed measurement: the ratios in docs/benchmarks.md."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--from_json",
+                           str(ROOT / "results" / "bench" / "speed.json"), "--no_write"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "**Mean optimiser step, tepo / stock TRL: 0.55**" in done.stdout
+    assert "| shared | 64 | 26.7 | 1.59x | 22.7% | 0 | 0 |" in done.stdout
