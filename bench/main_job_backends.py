@@ -69,17 +69,23 @@ def read_run(folder: Path) -> dict:
     }
 
 
+def read_runs(results: Path, run_dir: re.Pattern, names) -> dict[str, dict[int, dict]]:
+    """name -> seed -> `read_run` of each folder under `results` that `run_dir` matches (groups: name, seed)."""
+    runs: dict[str, dict[int, dict]] = {name: {} for name in names}
+    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
+        match = run_dir.match(folder.name)
+        if match:
+            runs[match.group(1)][int(match.group(2))] = read_run(folder)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no_write", action="store_true", help="print the section; leave docs/benchmarks.md as it is")
     args = parser.parse_args(argv)
 
-    runs: dict[str, dict[int, dict]] = {b: {} for b in BACKENDS}
-    for folder in sorted(p for p in args.results.iterdir() if p.is_dir()):
-        match = RUN_DIR.match(folder.name)
-        if match:
-            runs[match.group(1)][int(match.group(2))] = read_run(folder)
+    runs = read_runs(args.results, RUN_DIR, BACKENDS)
     missing = [b for b, by_seed in runs.items() if not by_seed]
     if missing:
         raise SystemExit(f"main_job_backends: no runs of {missing} under {args.results} (folders <backend>-s<seed>)")

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
-from main_job_backends import RESULTS, read_run  # noqa: E402
+from main_job_backends import RESULTS, read_runs  # noqa: E402
 
 from tepo.analysis.stats import paired_bootstrap, seed_matched_t  # noqa: E402
 
@@ -35,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no_write", action="store_true", help="print the section; leave docs/benchmarks.md as it is")
     args = parser.parse_args(argv)
-    runs: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
-    for folder in sorted(p for p in args.results.iterdir() if p.is_dir()):
-        match = RUN_DIR.match(folder.name)
-        if match:
-            runs[match.group(1)][int(match.group(2))] = read_run(folder)
+    runs = read_runs(args.results, RUN_DIR, VARIANTS)
     if not all(runs.values()):
         raise SystemExit(f"main_job_shared_prefix: need runs of both variants under {args.results}")
     lines = [
