@@ -27,6 +27,8 @@
 #   LIGER=1          use_liger_kernel: Liger's Triton RMSNorm/SwiGLU/RoPE (carry its wheel in .whl)
 #   MEMORY=0         skip the memory part (already in docs/benchmarks.md) to leave time for compilation
 #   STEPS=N REPEATS=R  measured steps per trainer per round, rounds (stock, tepo, stock, tepo, ...)
+#   SHARED_PREFIX=false  tepo on the plain path (shared_prefix: false); default true, tepo's default
+#                    (issue 29 asks for one call with it on and off: run the script twice, OUT apart)
 # The next device session's run:  TORCH_COMPILE=1 MEMORY=0 REPEATS=2 STEPS=2 bash bench/gpu.sh  (docs/benchmarks.md;
 # train_step.json is rewritten after each trainer, so a time limit still leaves what was measured:
 # `python bench/train_step.py --from_json $OUT/train_step.json` writes the section from it, marked partial)
@@ -169,7 +171,8 @@ EOF
     echo "== train_step: tepo vs stock GRPOTrainer ($(( SECONDS - start )) s so far)"
     # shellcheck disable=SC2086
     timeout "$TS_LIMIT" "$PY" bench/train_step.py --device "$DEVICE" --model_config "$MODEL" \
-        --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS ${PROFILE:+--profile "$OUT/profile"} --json "$OUT/train_step.json" $NO_WRITE || status=5
+        --tokenizer "$GPU_DIR/tokenizer" $TS_ARGS --shared_prefix "${SHARED_PREFIX:-true}" \
+        ${PROFILE:+--profile "$OUT/profile"} --json "$OUT/train_step.json" $NO_WRITE || status=5
 
     if [ "${MEMORY:-1}" = "0" ]; then
         echo "== memory: skipped (MEMORY=0)"

@@ -191,7 +191,7 @@ def make_trainer(kind: str, model, tokenizer, dataset, args, out_dir: Path):
         cls = GRPOTrainer
         kwargs = {}
     else:
-        config = TEPOConfig(objective="tepo", stability_monitor=False, **common)
+        config = TEPOConfig(objective="tepo", stability_monitor=False, shared_prefix=args.shared_prefix == "true", **common)
         cls = TEPOTrainer
         kwargs = {}
     return cls(model=model, reward_funcs=math_reward_func, args=config, train_dataset=dataset,
@@ -263,6 +263,8 @@ def main(argv=None) -> int:
                    help="both trainers: Liger's RMSNorm/SwiGLU/RoPE Triton kernels (GPU; needs the liger-kernel package; TRL "
                         "leaves the LM head and the loss to its own fused log-prob kernel)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: known cards)")
+    p.add_argument("--shared_prefix", choices=("true", "false"), default="true",
+                   help="tepo's shared_prefix (each distinct prompt forwarded once; false: the plain path, as stock TRL)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run one more optimiser step per trainer after the measured ones, profile its update phase "
                         "(torch.profiler, rollout excluded) and write the top ops by self time to DIR/<trainer>_update_ops.txt; "
@@ -425,7 +427,7 @@ Batch: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {s
 (micro-batches of {getattr(s, 'micro_batch', s.batch_size)}, gradients accumulated over {getattr(s, 'grad_accum', 1)}),
 {s.steps_per_generation} optimiser step(s) per rollout, {s.max_completion_length} completion tokens{' (forced)' if s.force_length else ''},
 {'chat prompts' if s.prompt_tokens is None else f'{s.prompt_tokens}-token prompts'}, bf16 autocast, gradient checkpointing {'on' if getattr(s, 'gradient_checkpointing', False) else 'off'},
-torch.compile {('on, per decoder layer' if getattr(s, 'regional_compile', False) else 'on') if getattr(s, 'torch_compile', False) else 'off'}, Liger kernels {'on' if getattr(s, 'use_liger_kernel', False) else 'off'}.
+torch.compile {('on, per decoder layer' if getattr(s, 'regional_compile', False) else 'on') if getattr(s, 'torch_compile', False) else 'off'}, Liger kernels {'on' if getattr(s, 'use_liger_kernel', False) else 'off'}, tepo's shared_prefix {getattr(s, 'shared_prefix', 'false (before it existed)')}.
 {s.steps} measured steps per trainer per round x {s.repeats} round(s), after {s.steps_per_generation} warm-up step(s); trainers alternate.{memory}
 
 | trainer | step s (mean) | step s (median) | generate s/step | generated tok/s | scoring s/step | update s/step | update tok/s | update MFU % |
