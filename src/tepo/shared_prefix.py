@@ -208,12 +208,19 @@ def add_shared_prefix_generate(model) -> None:
     model.generate = types.MethodType(generate, model)
 
 
-def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, k: int, pad_token_id: int):
-    """The KV cache of every row's prompt but its last token (B rows), computed once for the common
-    prefix (k tokens, when k >= 2) and once per distinct prompt. Returns (ids, mask, positions, cache):
-    the prompts as re-laid for the cache (`_to_prefix_layout`), their attention mask, and the positions
-    `generate` gives them (counted from the mask)."""
+def _sharing_plan(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(first, inverse, k): the rows' prompt groups (`prompt_groups`) and their common prefix length."""
     first, inverse = prompt_groups(input_ids, attention_mask)
+    return first, inverse, _common_prefix_length(input_ids, attention_mask)
+
+
+def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, plan: tuple[Tensor, Tensor, int],
+                    pad_token_id: int):
+    """The KV cache of every row's prompt but its last token (B rows), computed once for the common
+    prefix (k tokens, when k >= 2) and once per distinct prompt (`plan`: `_sharing_plan`). Returns
+    (ids, mask, positions, cache): the prompts as re-laid for the cache (`_to_prefix_layout`), their
+    attention mask, and the positions `generate` gives them (counted from the mask)."""
+    first, inverse, k = plan
     ids, mask = (input_ids, attention_mask) if k < 2 else _to_prefix_layout(input_ids, attention_mask, k, pad_token_id)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's own rule
     unique_ids, unique_mask, unique_pos = ids[first], mask[first], positions[first]
@@ -232,12 +239,6 @@ def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, k: int, pa
     return ids, mask, positions, cache
 
 
-def _nothing_to_share(input_ids: Tensor, attention_mask: Tensor) -> tuple[bool, int]:
-    first, _ = prompt_groups(input_ids, attention_mask)
-    k = _common_prefix_length(input_ids, attention_mask)
-    return first.numel() == input_ids.size(0) and k < 2, k
-
-
 @torch.no_grad()
 def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, pad_token_id: int, generate=None,
                            **generate_kwargs):
@@ -251,10 +252,11 @@ def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, 
     positions from the attention mask, so every token keeps its position. Falls back to plain
     `generate` when there is nothing to share."""
     generate = generate or model.generate
-    plain, k = _nothing_to_share(input_ids, attention_mask)
-    if plain:
+    plan = _sharing_plan(input_ids, attention_mask)
+    first, _, k = plan
+    if first.numel() == input_ids.size(0) and k < 2:  # nothing to share
         return generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    ids, mask, _, cache = _prefill_shared(model, input_ids, attention_mask, k, pad_token_id)
+    ids, mask, _, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id)
     out = generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
     return torch.cat([input_ids, out[:, ids.size(1):]], dim=1)
 
@@ -270,8 +272,8 @@ def decode_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, ma
     each row's tokens, its end-of-sequence token included. The same tokens as plain greedy `generate`
     up to float32 rounding (the batch shrinks, so matrix products round differently)."""
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), device=input_ids.device)
-    _, k = _nothing_to_share(input_ids, attention_mask)
-    ids, mask, positions, cache = _prefill_shared(model, input_ids, attention_mask, k, pad_token_id)
+    plan = _sharing_plan(input_ids, attention_mask)
+    ids, mask, positions, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id)
     rows = torch.arange(ids.size(0), device=ids.device)
     out: list[list[int]] = [[] for _ in range(ids.size(0))]
     step_ids, step_pos = ids[:, -1:], positions[:, -1:]
