@@ -118,8 +118,9 @@ def test_scores_and_gradients_equal_the_plain_path(arch, attention):
     assert plain[2].abs().max() > 0
     valid = labels[:, -C:] != -100
     assert (plain[0][~valid] == 0).all() and (shared[0][~valid] == 0).all()  # padding scores 0, as TRL's
-    # 3 distinct prompts of 9 columns (8 prefilled) + 9 rows of C tokens, against 9 rows of 9 + C
-    assert sum(embedded) == 3 * 8 + 9 * C < plain_tokens == 9 * (9 + C)
+    # the prompts' common start [5, 6] once, the rest of 3 distinct prompts of 9 columns (8 prefilled),
+    # then 9 rows of C tokens: against 9 rows of 9 + C
+    assert sum(embedded) == 2 + 3 * (8 - 2) + 9 * C < plain_tokens == 9 * (9 + C)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -197,6 +198,43 @@ def test_unsupported_settings_have_a_reason():
 # in the trainer
 
 
+def count_shared_generations(monkeypatch) -> list[int]:
+    """A list that grows by one for each `generate_shared_prefix` call (rows generated)."""
+    import tepo.shared_prefix as module
+
+    calls: list[int] = []
+    inner = module.generate_shared_prefix
+
+    def counted(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.size(0))
+        return inner(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(module, "generate_shared_prefix", counted)
+    return calls
+
+
+def test_generate_takes_the_shared_path_with_a_generation_config(monkeypatch):
+    """`model.generate(..., generation_config=...)` as TRL calls it goes through the shared prefill
+    (transformers 5 leaves unset settings such as num_beams None: they are not a reason to fall back)."""
+    from transformers import GenerationConfig
+
+    from tepo.shared_prefix import add_shared_prefix_generate
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok).eval()
+    ids, mask, _ = ragged_batch(tok.pad_token_id)
+    config = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, pad_token_id=tok.pad_token_id)
+    assert config.num_beams is None  # the case that fell back before
+    torch.manual_seed(0)
+    plain = model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
+    calls = count_shared_generations(monkeypatch)
+    add_shared_prefix_generate(model)
+    torch.manual_seed(0)
+    shared = model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
+    assert calls == [ids.size(0)]
+    assert torch.equal(shared, plain)
+
+
 def train(tmp_path, name, **overrides):
     from tepo.training import TEPOTrainer
 
@@ -221,9 +259,12 @@ def train(tmp_path, name, **overrides):
 
 
 @pytest.mark.slow
-def test_training_with_shared_prefix_equals_the_plain_path(tmp_path):
+def test_training_with_shared_prefix_equals_the_plain_path(tmp_path, monkeypatch):
+    generations = count_shared_generations(monkeypatch)
     on, losses_on, entropy_on, weights_on, tokens_on = train(tmp_path, "on", shared_prefix=True)
+    assert generations == [16, 16]  # each rollout's generation took the shared path
     off, losses_off, entropy_off, weights_off, tokens_off = train(tmp_path, "off", shared_prefix=False)
+    assert generations == [16, 16]
     assert on.shared_prefix and not off.shared_prefix
     assert len(losses_on) == 4
     torch.testing.assert_close(torch.tensor(losses_on), torch.tensor(losses_off), rtol=1e-4, atol=1e-6)

@@ -33,6 +33,8 @@ import types
 import torch
 from torch import Tensor
 
+from tepo.cascade_attention import CascadeCache, cascade_attention_on
+
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
@@ -123,23 +125,62 @@ def add_shared_prefix_forward(model) -> None:
 def _score_completions(model, fused_forward, *, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                        completion_length: int, **kwargs):
     """TRL's fused-LM-head output for the last `completion_length` labels of each row (B, C), the
-    prompt part (B, T - C) forwarded once per distinct prompt.
+    prompt part (B, T - C) forwarded once per distinct prompt, and the prompts' common prefix (the
+    chat template and worked example) once for all of them where positions are relative (`_prompt_cache`).
 
     The prompt pass covers all prompt columns but the last; the row pass then runs
     [last prompt token, completion[:-1]] (C tokens) against the indexed cache, so its C hidden
-    states predict exactly the C completion tokens (`shift_labels`), at positions T - C - 1 ... T - 2
-    as in the plain row."""
+    states predict exactly the C completion tokens (`shift_labels`)."""
     C = completion_length
     prompt_ids, prompt_mask = input_ids[:, :-C], attention_mask[:, :-C]
     if C < 1 or prompt_ids.size(1) < 2:
         return fused_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-    first, inverse = prompt_groups(prompt_ids, prompt_mask)
-    cache = _prefill(model, prompt_ids[first, :-1], prompt_mask[first, :-1])
+    first, inverse, k = _sharing_plan(prompt_ids, prompt_mask)
+    if k < 2 or not _relative_positions(model):
+        # positions as the plain left-padded row counts them (from its first column)
+        cache = _prefill(model, prompt_ids[first, :-1], prompt_mask[first, :-1])
+        _select_rows(cache, inverse)
+        return fused_forward(
+            input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1], past_key_values=cache,
+            shift_labels=labels[:, -C:], **kwargs,
+        )
+    ids, mask = _to_prefix_layout(prompt_ids, prompt_mask, k, 0)
+    positions = _positions(mask)
+    cache = _prompt_cache(model, ids[first], mask[first], positions[first], k)
     _select_rows(cache, inverse)
+    rows = torch.cat([ids[:, -1:], input_ids[:, -C:-1]], dim=1)
     return fused_forward(
-        input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1], past_key_values=cache,
+        input_ids=rows, attention_mask=torch.cat([mask, attention_mask[:, -C:-1]], dim=1),
+        position_ids=positions[:, -1:] + torch.arange(C, device=ids.device), past_key_values=cache,
         shift_labels=labels[:, -C:], **kwargs,
     )
+
+
+def _relative_positions(model) -> bool:
+    """Rotary position embeddings: attention depends on positions only through their differences, so
+    a left-padded row and the same tokens without the padding score alike (up to rounding)."""
+    return getattr(model.base_model, "rotary_emb", None) is not None
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Positions counted from the attention mask (`generate`'s rule): each row's tokens 0, 1, ..."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _prompt_cache(model, ids: Tensor, mask: Tensor, positions: Tensor, k: int):
+    """The KV cache of distinct prompts (U, P) laid out as [common prefix (k) | padding | rest], all
+    columns but the last: the common prefix forwarded once (k >= 2) and indexed out to the U rows,
+    then each prompt's remainder. With gradient when grad is enabled (the shared prefix's gradients
+    add up over its rows through the indexing)."""
+    width = ids.size(1)
+    if k < 2:
+        return _prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    cache = _prefill(model, ids[:1, :k], mask[:1, :k], positions[:1, :k])
+    _select_rows(cache, torch.zeros(ids.size(0), dtype=torch.long, device=ids.device))
+    if width - 1 > k:
+        model.base_model(input_ids=ids[:, k:-1], attention_mask=mask[:, :-1], position_ids=positions[:, k:-1],
+                         past_key_values=cache, use_cache=True)
+    return cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,13 +229,17 @@ def add_shared_prefix_generate(model) -> None:
     def generate(self, *args, **kwargs):
         plain_generate = types.MethodType(inner, self)
         config = kwargs.get("generation_config") or self.generation_config
+        def setting(name, default):  # transformers 5 leaves unset generation settings None
+            value = kwargs.get(name, getattr(config, name, None))
+            return default if value is None else value
+
         plain = (
             args or kwargs.get("input_ids") is None or kwargs.get("attention_mask") is None
             or kwargs.get("past_key_values") is not None
             or any(isinstance(v, Tensor) for k, v in kwargs.items() if k not in ("input_ids", "attention_mask"))
-            or kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
-            or kwargs.get("num_beams", getattr(config, "num_beams", 1)) != 1
-            or kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) != 1
+            or setting("return_dict_in_generate", False)
+            or setting("num_beams", 1) != 1
+            or setting("num_return_sequences", 1) != 1
         )
         if plain:
             return plain_generate(*args, **kwargs)
@@ -215,28 +260,30 @@ def _sharing_plan(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Te
 
 
 def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, plan: tuple[Tensor, Tensor, int],
-                    pad_token_id: int):
-    """The KV cache of every row's prompt but its last token (B rows), computed once for the common
-    prefix (k tokens, when k >= 2) and once per distinct prompt (`plan`: `_sharing_plan`). Returns
-    (ids, mask, positions, cache): the prompts as re-laid for the cache (`_to_prefix_layout`), their
-    attention mask, and the positions `generate` gives them (counted from the mask)."""
+                    pad_token_id: int, capacity: int = 64):
+    """A `CascadeCache` (tepo/cascade_attention.py) holding every row's prompt but its last token, each
+    shared part computed and stored once (`plan`: `_sharing_plan`):
+    - rows repeat prompts (G completions each): the shared part is each distinct prompt, its common
+      prefix with the others (k tokens, when k >= 2) forwarded once for all of them;
+    - every prompt distinct (held-out evaluation): the shared part is the common prefix, forwarded
+      once, and each row's remainder is forwarded into its own part.
+    Returns (ids, mask, positions, cache): the prompts as re-laid for the cache (`_to_prefix_layout`),
+    their attention mask, and the positions `generate` gives them (counted from the mask).
+    `capacity`: own positions to reserve per row (the new tokens to come)."""
     first, inverse, k = plan
     ids, mask = (input_ids, attention_mask) if k < 2 else _to_prefix_layout(input_ids, attention_mask, k, pad_token_id)
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # generate's own rule
-    unique_ids, unique_mask, unique_pos = ids[first], mask[first], positions[first]
+    positions = _positions(mask)
     width = ids.size(1)
-    if k >= 2:  # the common prefix once, then each distinct prompt's remainder (all but its last token)
-        cache = _prefill(model, unique_ids[:1, :k], unique_mask[:1, :k], unique_pos[:1, :k])
-        _select_rows(cache, torch.zeros(first.numel(), dtype=torch.long, device=ids.device))
+    if first.numel() == ids.size(0) and k >= 2:  # all distinct: share the common prefix only
+        prefix = _prefill(model, ids[:1, :k], mask[:1, :k], positions[:1, :k])
+        cache = CascadeCache.from_prefill(prefix, torch.zeros_like(inverse), capacity + width - k)
         if width - 1 > k:
-            model.base_model(
-                input_ids=unique_ids[:, k:-1], attention_mask=unique_mask[:, :-1], position_ids=unique_pos[:, k:-1],
-                past_key_values=cache, use_cache=True,
-            )
-    else:
-        cache = _prefill(model, unique_ids[:, :-1], unique_mask[:, :-1], unique_pos[:, :-1])
-    _select_rows(cache, inverse)
-    return ids, mask, positions, cache
+            with cascade_attention_on(model):
+                model.base_model(input_ids=ids[:, k:-1], attention_mask=mask[:, :-1], position_ids=positions[:, k:-1],
+                                 past_key_values=cache, use_cache=True)
+        return ids, mask, positions, cache
+    prompts = _prompt_cache(model, ids[first], mask[first], positions[first], k)
+    return ids, mask, positions, CascadeCache.from_prefill(prompts, inverse, capacity)
 
 
 @torch.no_grad()
@@ -256,8 +303,11 @@ def generate_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, 
     first, _, k = plan
     if first.numel() == input_ids.size(0) and k < 2:  # nothing to share
         return generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    ids, mask, _, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id)
-    out = generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    new_tokens = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or 64
+    ids, mask, _, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id, new_tokens + 1)
+    with cascade_attention_on(model):
+        out = generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **generate_kwargs)
     return torch.cat([input_ids, out[:, ids.size(1):]], dim=1)
 
 
@@ -273,7 +323,13 @@ def decode_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, ma
     up to float32 rounding (the batch shrinks, so matrix products round differently)."""
     eos = torch.tensor(sorted({int(e) for e in eos_ids}), device=input_ids.device)
     plan = _sharing_plan(input_ids, attention_mask)
-    ids, mask, positions, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id)
+    ids, mask, positions, cache = _prefill_shared(model, input_ids, attention_mask, plan, pad_token_id,
+                                                  max_new_tokens + 1)
+    with cascade_attention_on(model):
+        return _decode(model, ids, mask, positions, cache, max_new_tokens, eos, choose)
+
+
+def _decode(model, ids, mask, positions, cache, max_new_tokens, eos, choose) -> list[list[int]]:
     rows = torch.arange(ids.size(0), device=ids.device)
     out: list[list[int]] = [[] for _ in range(ids.size(0))]
     step_ids, step_pos = ids[:, -1:], positions[:, -1:]
