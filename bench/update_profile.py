@@ -16,7 +16,7 @@ from torch.profiler import profile, ProfilerActivity
 path = resolve_model(None)
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy")); add_shared_prefix_forward(model)
+add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy")); add_shared_prefix_forward(model, temperature=0.7)
 ds = to_prompt_dataset(load_task(task="arithmetic", split="train", num_problems=8, levels=[1, 2]))
 prompts = [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for r in ds]
 C = 48; P = max(map(len, prompts))

@@ -41,12 +41,14 @@ def qwen2_model(tok, seed: int = 0):
 ARCHS = {"llama": lambda tok: tiny_model(tok), "qwen2": qwen2_model}
 
 
-def scoring_model(arch: str, attention: str):
+def scoring_model(arch: str, attention: str, own_head: bool = True):
+    """A tiny model patched as TEPOTrainer patches it; `own_head=False`: the shared path through TRL's
+    fused head (no temperature given), else through tepo.lm_head_scores."""
     tok = tiny_tokenizer()
     model = ARCHS[arch](tok)
     model.config._attn_implementation = attention
     add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))  # as GRPOTrainer does
-    add_shared_prefix_forward(model)
+    add_shared_prefix_forward(model, temperature=0.7 if own_head else None)
     return model, tok
 
 
@@ -105,8 +107,9 @@ def test_prompt_groups():
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_scores_and_gradients_equal_the_plain_path(arch, attention):
-    model, tok = scoring_model(arch, attention)
+@pytest.mark.parametrize("own_head", [True, False], ids=["tepo-head", "trl-head"])
+def test_scores_and_gradients_equal_the_plain_path(arch, attention, own_head):
+    model, tok = scoring_model(arch, attention, own_head)
     ids, mask, labels = ragged_batch(tok.pad_token_id)
     embedded = count_embedded_tokens(model)
     plain = score(model, ids, mask, labels, shared=False)

@@ -33,6 +33,7 @@ import types
 import torch
 from torch import Tensor
 
+from tepo import lm_head_scores
 from tepo.cascade_attention import CascadeCache, cascade_attention_on
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -99,10 +100,12 @@ def _prefill(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
 # scoring (training pass, pi_old pass, reference pass)
 
 
-def add_shared_prefix_forward(model) -> None:
+def add_shared_prefix_forward(model, temperature: float | None = None) -> None:
     """Let `model(..., fused_lm_head=True, shared_prefix=C)` score the last C tokens of each row with
     each distinct prompt forwarded once. Call after TRL's `add_fused_lm_head`; without `shared_prefix`
-    the forward is the one it wraps. Idempotent."""
+    the forward is the one it wraps. `temperature`: the one given to `add_fused_lm_head`; with it, the
+    scored positions go through `tepo.lm_head_scores` where that applies (CPU, fp32), else through
+    TRL's head. Idempotent."""
     if getattr(model.forward, "_tepo_shared_prefix", False):
         return
     # TRL's fused LM head around the model's own forward, as a function: bound to `self` at each call,
@@ -116,14 +119,15 @@ def add_shared_prefix_forward(model) -> None:
         fused_forward = types.MethodType(inner, self)
         if shared_prefix is None:
             return fused_forward(*args, **kwargs)
-        return _score_completions(self, fused_forward, completion_length=int(shared_prefix), **kwargs)
+        return _score_completions(self, fused_forward, completion_length=int(shared_prefix), temperature=temperature,
+                                  **kwargs)
 
     forward._tepo_shared_prefix = True
     model.forward = types.MethodType(forward, model)
 
 
 def _score_completions(model, fused_forward, *, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                       completion_length: int, **kwargs):
+                       completion_length: int, temperature: float | None = None, **kwargs):
     """TRL's fused-LM-head output for the last `completion_length` labels of each row (B, C), the
     prompt part (B, T - C) forwarded once per distinct prompt, and the prompts' common prefix (the
     chat template and worked example) once for all of them where positions are relative (`_prompt_cache`).
@@ -140,20 +144,39 @@ def _score_completions(model, fused_forward, *, input_ids: Tensor, attention_mas
         # positions as the plain left-padded row counts them (from its first column)
         cache = _prefill(model, prompt_ids[first, :-1], prompt_mask[first, :-1])
         _select_rows(cache, inverse)
-        return fused_forward(
-            input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1], past_key_values=cache,
-            shift_labels=labels[:, -C:], **kwargs,
+        return _score_rows(
+            model, fused_forward, temperature, input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1],
+            past_key_values=cache, shift_labels=labels[:, -C:], **kwargs,
         )
     ids, mask = _to_prefix_layout(prompt_ids, prompt_mask, k, 0)
     positions = _positions(mask)
     cache = _prompt_cache(model, ids[first], mask[first], positions[first], k)
     _select_rows(cache, inverse)
     rows = torch.cat([ids[:, -1:], input_ids[:, -C:-1]], dim=1)
-    return fused_forward(
-        input_ids=rows, attention_mask=torch.cat([mask, attention_mask[:, -C:-1]], dim=1),
+    return _score_rows(
+        model, fused_forward, temperature, input_ids=rows, attention_mask=torch.cat([mask, attention_mask[:, -C:-1]], dim=1),
         position_ids=positions[:, -1:] + torch.arange(C, device=ids.device), past_key_values=cache,
         shift_labels=labels[:, -C:], **kwargs,
     )
+
+
+def _score_rows(model, fused_forward, temperature: float | None, *, shift_labels: Tensor, fused_lm_head: bool = True,
+                **inputs):
+    """The rows' hidden states through the LM head at the `shift_labels` positions: `tepo.lm_head_scores`
+    where it applies and nothing else is asked of the call, TRL's fused head otherwise."""
+    weight = model.get_input_embeddings().weight
+    if (temperature is None or set(inputs) - _ROW_INPUTS or getattr(model.config, "output_router_logits", False)
+            or not lm_head_scores.applies(model, weight.dtype, weight.device)):
+        return fused_forward(shift_labels=shift_labels, fused_lm_head=fused_lm_head, **inputs)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    log_probs, entropy = lm_head_scores.token_scores(hidden, model.get_output_embeddings().weight, shift_labels,
+                                                     temperature)
+    scored = shift_labels != -100
+    return lm_head_scores.ScoredTokens(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
+                                       entropy=entropy)
+
+
+_ROW_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values"}
 
 
 def _relative_positions(model) -> bool:

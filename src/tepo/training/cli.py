@@ -58,8 +58,8 @@ class TrainScriptArguments:
                           "(eval_test.json, per-problem verdicts); 0: no."},
     )
     heldout_num_problems: int = field(default=150, metadata={"help": "Held-out problems to evaluate."})
-    heldout_batch_size: int = field(default=64, metadata={"help": "Rows per generate batch in held-out evaluation "
-                                                                "(64: the fastest measured on the quickstart, docs/benchmarks.md)."})
+    heldout_batch_size: int = field(default=150, metadata={"help": "Rows per generate batch in held-out evaluation "
+                                                                 "(150: the fastest measured on the quickstart, docs/benchmarks.md)."})
     heldout_eval_cache: bool = field(
         default=True,
         metadata={"help": "Reuse the held-out evaluation of the untrained model from an earlier run with the same model "

@@ -154,7 +154,7 @@ class TEPOTrainer(GRPOTrainerSeams):
             return False
         for model in (self.model, self.ref_model):
             if model is not None:
-                shared_prefix.add_shared_prefix_forward(model)
+                shared_prefix.add_shared_prefix_forward(model, temperature=args.temperature)
         if not args.use_vllm:
             shared_prefix.add_shared_prefix_generate(self.model)
         return True
