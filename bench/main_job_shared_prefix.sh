@@ -10,6 +10,8 @@ for run in ${RUNS:-shared-s0 plain-s0 shared-s1 plain-s1}; do
   [ -f "$dest/eval_after.json" ] && { echo "$run: done already"; continue; }
   flag=true; [ "$variant" = plain ] && flag=false
   out=runs/main-$run; rm -rf "$out"; mkdir -p "$out"
+  # an empty baseline-eval cache: each run evaluates its untrained model itself, as a newcomer's first run does
+  TEPO_BASELINE_EVALS="$out/baseline-evals" \
   flock /tmp/tepo-cpu.lock /usr/bin/time -v -o "$out/time.txt" .venv/bin/tepo train --config recipes/quickstart.yaml \
     --output_dir "$out" --seed "$seed" --shared_prefix "$flag"
   mkdir -p "$dest"

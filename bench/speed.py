@@ -123,7 +123,7 @@ def run_trainer(kind: str, steps: int, out_dir: Path) -> dict:
     return result
 
 
-def run_eval(batch_sizes: list[int]) -> dict:
+def run_eval(batch_sizes: list[int], repeats: int = 2) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tepo.evaluation.generation import HFBackend
@@ -142,8 +142,12 @@ def run_eval(batch_sizes: list[int]) -> dict:
     cases = [("plain", b, False) for b in plain_batches] + [("shared", b, True) for b in batch_sizes]
     for name, batch, shared in cases:
         backend = HFBackend.from_model(model, tokenizer, batch_size=batch, shared_prefix=shared)
-        result = greedy_accuracy(backend, heldout, max_new_tokens=max_new)
+        results = [greedy_accuracy(backend, heldout, max_new_tokens=max_new) for _ in range(repeats)]
+        if any(r["verdicts"] != results[0]["verdicts"] for r in results):
+            raise RuntimeError(f"eval {name}@{batch}: repeated greedy passes gave different verdicts")
+        result = min(results, key=lambda r: r["generate_s"])  # the best of `repeats`, for every case alike
         runs[f"{name}@{batch}"] = {k: result[k] for k in ("accuracy", "generate_s", "verify_s", "verdicts", "answers")}
+        runs[f"{name}@{batch}"]["generate_s_all"] = [r["generate_s"] for r in results]
         print(f"[eval {name}@{batch}] {result['generate_s']:.1f} s, accuracy {result['accuracy']:.3f}", file=sys.stderr)
     base = runs[f"plain@{BEFORE_BATCH}"]
     for run in runs.values():
@@ -161,6 +165,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="optimiser steps per trainer (4 = one rollout of the recipe)")
     p.add_argument("--eval_batch_sizes", default="64,150", help="batch sizes of the shared-prefix held-out pass")
+    p.add_argument("--eval_repeats", type=int, default=2, help="greedy passes per held-out case; the fastest is reported")
     p.add_argument("--parts", default="trainers,eval,peak")
     p.add_argument("--json", default=None, help="write (and update) the results here as each part ends")
     p.add_argument("--from_json", default=None, help="render a saved result, run nothing")
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
                         print(f"[{kind}] mean step {results[kind]['step_s_mean']:.1f} s", file=sys.stderr)
                         save()
         if "eval" in parts and "eval" not in results:
-            results["eval"] = run_eval([int(b) for b in args.eval_batch_sizes.split(",")])
+            results["eval"] = run_eval([int(b) for b in args.eval_batch_sizes.split(",")], args.eval_repeats)
             save()
     md = render(results)
     print(md)
@@ -235,13 +240,19 @@ def render(r: dict) -> str:
         e = r["eval"]
         lines += ["", f"Held-out greedy evaluation: {e['num_problems']} problems, {e['max_new_tokens']} new tokens, "
                   f"verdicts compared problem by problem with the baseline: {e['baseline']}, plain Hugging Face `generate` at the "
-                  "batch size `tepo train` used before the shared-prefix path.", "",
-                  "| prefill | batch | generate s | speedup | accuracy | verdicts that differ | answers that differ |",
+                  "batch size `tepo train` used before the shared-prefix path. Each case ran "
+                  f"{len(next(iter(e['runs'].values())).get('generate_s_all', [0]))} times; the fastest is shown.", "",
+                  "| path | batch | generate s | speedup | accuracy | verdicts that differ | answers that differ |",
                   "|---|---|---|---|---|---|---|"]
         for key, x in e["runs"].items():
             name, batch = key.split("@")
             lines.append(f"| {name} | {batch} | {x['generate_s']:.1f} | {x['speedup']:.2f}x | {100 * x['accuracy']:.1f}% | "
                          f"{x['verdicts_differ']} | {x['answers_differ']} |")
+        shared = {k: x for k, x in e["runs"].items() if k.startswith("shared@")}
+        if shared:
+            best = max(shared, key=lambda k: shared[k]["speedup"])
+            lines += ["", f"**Held-out evaluation, {best} against {e['baseline']}: {shared[best]['speedup']:.2f}x faster** "
+                      "(target >= 2.5x)."]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tepo.cascade_attention as cascade_attention_module
 from tepo.cascade_attention import CascadeLayer, cascade_attention
 
 
@@ -27,7 +28,10 @@ def plain_attention(query, keys, values, visible):
     [0, 0, 0, 0, 0, 0],        # one shared prefix for every row (held-out evaluation)
 ], ids=["dense", "scattered", "unequal", "one-copy"])
 @pytest.mark.parametrize("queries", [1, 3])
-def test_cascade_equals_plain_attention(copy_of_row, queries):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "query-blocks"])
+def test_cascade_equals_plain_attention(copy_of_row, queries, blocked, monkeypatch):
+    if blocked:  # scores for 2 queries at most at once: 3 queries are taken in 2 blocks
+        monkeypatch.setattr(cascade_attention_module, "SCORE_ELEMENTS", 2 * 6 * 6 * 9)
     g = torch.Generator().manual_seed(0)
     rows, heads, kv_heads, dim, shared, own = len(copy_of_row), 6, 2, 8, 5, 4
     copies = max(copy_of_row) + 1

@@ -89,7 +89,12 @@ class CascadeLayer(DynamicLayer):
         return -1
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        self.own_keys, self.own_values = self.own_keys[indices], self.own_values[indices]
+        def select(buffer: Tensor) -> Tensor:  # only the written positions are copied
+            kept = buffer.new_empty(indices.numel(), *buffer.shape[1:])
+            kept[:, :, :self.length] = buffer[indices, :, :self.length]
+            return kept
+
+        self.own_keys, self.own_values = select(self.own_keys), select(self.own_values)
         self._set_rows(self.copy_of_row[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -119,17 +124,20 @@ class CascadeLayer(DynamicLayer):
 
 
 class CascadeCache(Cache):
-    """A KV cache whose rows share prefixes (module docstring). `shared`: per layer (keys, values), each
-    (C, KVH, S, D), the prefix of each copy (a prefill of the C distinct prefixes); `copy_of_row` (B,);
-    `capacity`: the own positions to reserve per row (the cache grows past it if needed)."""
+    """A KV cache whose rows share prefixes (module docstring): one `CascadeLayer` per decoder layer."""
 
-    def __init__(self, shared: list[tuple[Tensor, Tensor]], copy_of_row: Tensor, capacity: int):
-        super().__init__(layers=[CascadeLayer(k, v, copy_of_row, capacity) for k, v in shared])
+    def __init__(self, layers: list[CascadeLayer]):
+        super().__init__(layers=layers)
 
     @classmethod
     def from_prefill(cls, cache, copy_of_row: Tensor, capacity: int) -> "CascadeCache":
-        """From a `DynamicCache` of the C distinct prefixes (its tensors are taken, not copied)."""
-        return cls([(layer.keys, layer.values) for layer in cache.layers], copy_of_row, capacity)
+        """From a `DynamicCache` of the C distinct prefixes (its tensors are taken, not copied) and each
+        row's copy `copy_of_row` (B,); `capacity`: the own positions to reserve per row (the cache grows
+        past it if needed)."""
+        return cls([CascadeLayer(layer.keys, layer.values, copy_of_row, capacity) for layer in cache.layers])
+
+
+SCORE_ELEMENTS = 2 ** 25  # attention scores held at once (128 MiB in fp32): longer query blocks are cut
 
 
 def cascade_attention(module, query: Tensor, key, value, attention_mask: Tensor | None, scaling: float | None = None,
@@ -137,35 +145,47 @@ def cascade_attention(module, query: Tensor, key, value, attention_mask: Tensor 
     """Attention of `query` (B, H, Q, D) over a `CascadeLayer` (passed as key and value), the Q queries
     being the last Q own positions: each attends to its copy's shared part and causally to its own part.
     `attention_mask` (B, S + own length), 2D, 1 = attend (as `generate` passes it), or None (all).
-    Returns (B, Q, H, D) and no weights, as Hugging Face's attention functions do."""
+    Returns (B, Q, H, D) and no weights, as Hugging Face's attention functions do. Many queries at once
+    (a prefill) are taken in blocks, so that the scores held at once stay under `SCORE_ELEMENTS`."""
     layer = key
     if not isinstance(layer, CascadeLayer):
         raise TypeError(f"{ATTENTION_NAME} attention needs a CascadeCache (got {type(key).__name__} keys)")
     rows, heads, q, head_dim = query.shape
+    width = layer.shared_keys.size(2) + layer.length
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.size(-1) < width):
+        raise ValueError(f"{ATTENTION_NAME} attention: need a 2D mask of width >= {width}, "
+                         f"got shape {tuple(attention_mask.shape)}")
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    block = max(1, SCORE_ELEMENTS // max(rows * heads * width, 1))
+    outs = [_attend(layer, query[:, :, start:start + block], attention_mask, q - start, scale)
+            for start in range(0, q, block)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2), None
+
+
+def _attend(layer: CascadeLayer, query: Tensor, attention_mask: Tensor | None, back: int, scale: float) -> Tensor:
+    """`query` (B, H, q, D): own positions own - back ... own - back + q - 1. Returns (B, H, q, D)."""
+    rows, heads, q, head_dim = query.shape
     kv_heads, shared = layer.shared_keys.size(1), layer.shared_keys.size(2)
     own = layer.length
     group = heads // kv_heads  # query heads h*group ... h*group+group-1 read KV head h (as repeat_kv)
-    scale = head_dim ** -0.5 if scaling is None else scaling
     qg = query.reshape(rows, kv_heads, group * q, head_dim)
     shared_scores = layer.from_slots(layer.to_slots(qg) @ layer.shared_keys.transpose(-1, -2), group * q)
     own_scores = qg @ layer.own_keys[:, :, :own].transpose(-1, -2)
-    scores = torch.cat([shared_scores, own_scores], dim=-1).float() * scale  # (B, KVH, group*Q, S + own)
+    scores = torch.cat([shared_scores, own_scores], dim=-1).float() * scale  # (B, KVH, group*q, S + own)
     visible = torch.ones(rows, 1, q, shared + own, dtype=torch.bool, device=query.device)
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.size(-1) < shared + own:
-            raise ValueError(f"{ATTENTION_NAME} attention: need a 2D mask of width >= {shared + own}, "
-                             f"got shape {tuple(attention_mask.shape)}")
         visible = visible & attention_mask[:, :shared + own].bool().view(rows, 1, 1, -1)
-    if q > 1:  # causal within the own part: query i is own position own - q + i
+    if back > 1:  # causal within the own part: query i is own position own - back + i
         i = torch.arange(q, device=query.device).view(q, 1)
         j = torch.arange(own, device=query.device).view(1, own)
-        visible[..., shared:] &= (j <= own - q + i)
+        visible[..., shared:] &= (j <= own - back + i)
     visible = visible.expand(rows, group, q, shared + own).reshape(rows, 1, group * q, shared + own)
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(query.dtype)
     shared_probs, own_probs = probs[..., :shared], probs[..., shared:]
     out = layer.from_slots(layer.to_slots(shared_probs.contiguous()) @ layer.shared_values, group * q)
     out = out + own_probs @ layer.own_values[:, :, :own]
-    return out.reshape(rows, heads, q, head_dim).transpose(1, 2), None
+    return out.reshape(rows, heads, q, head_dim)
 
 
 def _padding_mask(*, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:

@@ -5,21 +5,25 @@ forward computes each prompt G times (and on the CPU, TRL's fused LM head projec
 position through the vocabulary too). Here the distinct prompts go through the model once, with a
 KV cache (with gradient when training); the cache is indexed out to the B rows; and each row's
 completion is forwarded against its own prompt's cache. A completion therefore attends causally to
-itself and to its prompt, never to a sibling (each row is its own batch row), every token keeps the
-position the plain left-padded row gives it, and the per-token log-probs, entropies and parameter
+itself and to its prompt, never to a sibling (each row is its own batch row), every token keeps its
+distance to every other token of its row, and the per-token log-probs, entropies and parameter
 gradients are those of the plain path up to float32 rounding (different summation order in
 attention). Prefix Grouper (arXiv 2506.05433) is the same idea with a packed row and a custom mask;
 the cache form needs no model-specific mask and works with any decoder that takes a `DynamicCache`
 (tests: Llama and Qwen2). docs/benchmarks.md, "Shared prefix", has the measurements.
 
 Two uses, one rule ("rows with the same prompt ids and mask share one forward of the prompt"):
-- `add_shared_prefix_forward(model)`: after TRL's `add_fused_lm_head`, a call
+- `add_shared_prefix_forward(model, temperature)`: after TRL's `add_fused_lm_head`, a call
   ``model(input_ids, attention_mask, labels=..., fused_lm_head=True, shared_prefix=C)`` computes the
   last C positions' log-probs/entropies this way, inside one forward of the model (so a DDP wrapper
-  sees one forward and one backward).
-- `generate_shared_prefix(model, input_ids, attention_mask, **generate_kwargs)`: the prompt prefill of
-  Hugging Face `generate` done once per distinct prompt (and, across distinct prompts, once for
-  their longest common prefix: the chat template and worked example every prompt starts with).
+  sees one forward and one backward). The prompts' common prefix (the chat template and worked
+  example every prompt starts with) is forwarded once for all distinct prompts where positions are
+  relative (rotary embeddings); the scored positions go through `tepo.lm_head_scores` where it
+  applies (CPU, fp32), else through TRL's fused head.
+- `generate_shared_prefix(model, input_ids, attention_mask, **generate_kwargs)` (rollouts, through
+  Hugging Face `generate`) and `decode_shared_prefix` (held-out evaluation): the prompts prefilled
+  once each (and their common prefix once), kept once in a `CascadeCache` and read by cascade
+  attention (tepo/cascade_attention.py) while decoding, never copied per row.
 
 `unsupported_reason(model, ...)` says when neither applies (the caller logs it once and takes the
 plain path).
@@ -289,18 +293,17 @@ def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, plan: tupl
     - rows repeat prompts (G completions each): the shared part is each distinct prompt, its common
       prefix with the others (k tokens, when k >= 2) forwarded once for all of them;
     - every prompt distinct (held-out evaluation): the shared part is the common prefix, forwarded
-      once, and each row's remainder is forwarded into its own part.
+      once, and each row's remainder is forwarded into its own part (cascade attention).
     Returns (ids, mask, positions, cache): the prompts as re-laid for the cache (`_to_prefix_layout`),
     their attention mask, and the positions `generate` gives them (counted from the mask).
     `capacity`: own positions to reserve per row (the new tokens to come)."""
     first, inverse, k = plan
     ids, mask = (input_ids, attention_mask) if k < 2 else _to_prefix_layout(input_ids, attention_mask, k, pad_token_id)
     positions = _positions(mask)
-    width = ids.size(1)
     if first.numel() == ids.size(0) and k >= 2:  # all distinct: share the common prefix only
         prefix = _prefill(model, ids[:1, :k], mask[:1, :k], positions[:1, :k])
-        cache = CascadeCache.from_prefill(prefix, torch.zeros_like(inverse), capacity + width - k)
-        if width - 1 > k:
+        cache = CascadeCache.from_prefill(prefix, torch.zeros_like(inverse), capacity + ids.size(1) - k)
+        if ids.size(1) - 1 > k:  # each row's remainder into its own part, against the prefix kept once
             with cascade_attention_on(model):
                 model.base_model(input_ids=ids[:, k:-1], attention_mask=mask[:, :-1], position_ids=positions[:, k:-1],
                                  past_key_values=cache, use_cache=True)
@@ -353,23 +356,29 @@ def decode_shared_prefix(model, input_ids: Tensor, attention_mask: Tensor, *, ma
 
 
 def _decode(model, ids, mask, positions, cache, max_new_tokens, eos, choose) -> list[list[int]]:
-    rows = torch.arange(ids.size(0), device=ids.device)
+    """The decoding loop of `decode_shared_prefix`. A finished row stays in the batch (fed an
+    end-of-sequence token, its outputs dropped) until an eighth of the batch has finished: removing
+    rows copies every layer's cache, which costs more than computing a few extra rows."""
+    rows = torch.arange(ids.size(0), device=ids.device)  # each batch row's index in the input
+    alive = torch.ones(ids.size(0), dtype=torch.bool, device=ids.device)
     out: list[list[int]] = [[] for _ in range(ids.size(0))]
     step_ids, step_pos = ids[:, -1:], positions[:, -1:]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits
-        scores = logits[:, -1].float()
-        tokens = scores.argmax(dim=-1) if choose is None else choose(scores, rows)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
+        live = alive.nonzero().flatten()
+        scores = logits[live, -1].float()
+        chosen = scores.argmax(dim=-1) if choose is None else choose(scores, rows[live])
+        for row, token in zip(rows[live].tolist(), chosen.tolist()):
             out[row].append(token)
-        going = ~torch.isin(tokens, eos)
-        if len(out[int(rows[0])]) >= max_new_tokens or not bool(going.any()):
+        alive[live] = ~torch.isin(chosen, eos)
+        if step + 1 >= max_new_tokens or not bool(alive.any()):
             break
-        if not bool(going.all()):
-            keep = going.nonzero().flatten()
+        tokens = torch.full_like(rows, int(eos[0])).index_copy_(0, live, chosen)
+        if int((~alive).sum()) * 8 >= alive.numel():
+            keep = alive.nonzero().flatten()
             _select_rows(cache, keep)
-            rows, tokens, mask, step_pos = rows[keep], tokens[keep], mask[keep], step_pos[keep]
+            rows, tokens, mask, step_pos, alive = rows[keep], tokens[keep], mask[keep], step_pos[keep], alive[keep]
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
         step_ids, step_pos = tokens.unsqueeze(1), step_pos + 1
     return out
