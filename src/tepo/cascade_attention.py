@@ -3,8 +3,8 @@
 When G completions of one prompt are sampled (or 150 held-out prompts that all start with the same
 chat template and worked example are decoded), a plain KV cache holds the shared prefix once per
 row, and every decoding step copies the whole cache (`DynamicCache` concatenates) and expands its
-key/value heads to the query heads (`repeat_kv`): on a CPU that memory traffic, not the model's
-matrix products, sets the pace of a step (docs/benchmarks.md, "The shared-prefix path").
+key/value heads to the query heads (`repeat_kv`): on this project's CPU that memory traffic cost
+as much as the model's matrix products (docs/benchmarks.md, "The shared-prefix path").
 
 Here a layer's cache has two parts:
 - shared keys/values (C, KVH, S, D), one copy per distinct prefix, and `copy_of_row` (B,);
