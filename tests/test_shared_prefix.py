@@ -236,6 +236,10 @@ def test_generate_takes_the_shared_path_with_a_generation_config(monkeypatch):
     shared = model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
     assert calls == [ids.size(0)]
     assert torch.equal(shared, plain)
+    # a cache implementation asked for (generate builds that cache itself): the plain path
+    config.cache_implementation = "static"
+    model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
+    assert calls == [ids.size(0)]
 
 
 def train(tmp_path, name, **overrides):

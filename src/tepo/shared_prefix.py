@@ -267,6 +267,7 @@ def add_shared_prefix_generate(model) -> None:
             or setting("return_dict_in_generate", False)
             or setting("num_beams", 1) != 1
             or setting("num_return_sequences", 1) != 1
+            or setting("cache_implementation", None) is not None  # generate builds that cache itself
         )
         if plain:
             return plain_generate(*args, **kwargs)
