@@ -240,6 +240,9 @@ def test_generate_takes_the_shared_path_with_a_generation_config(monkeypatch):
     config.cache_implementation = "static"
     model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
     assert calls == [ids.size(0)]
+    config.cache_implementation, config.use_cache = None, False  # no cache at all: the plain path too
+    model.generate(input_ids=ids[:, :-C], attention_mask=mask[:, :-C], generation_config=config)
+    assert calls == [ids.size(0)]
 
 
 def train(tmp_path, name, **overrides):

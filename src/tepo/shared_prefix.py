@@ -268,6 +268,7 @@ def add_shared_prefix_generate(model) -> None:
             or setting("num_beams", 1) != 1
             or setting("num_return_sequences", 1) != 1
             or setting("cache_implementation", None) is not None  # generate builds that cache itself
+            or setting("use_cache", True) is False
         )
         if plain:
             return plain_generate(*args, **kwargs)
