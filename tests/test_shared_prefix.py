@@ -329,3 +329,17 @@ def test_evaluation_backend_gives_the_plain_samples(temperature):
     if temperature > 0:  # (the random tiny model's greedy answer is one string for every prompt)
         assert len({s.num_tokens for row in shared for s in row}) > 1  # rows ended at different steps
     assert sum(embedded) < plain_tokens
+
+
+def test_the_common_prefix_is_shared_only_where_positions_are_relative():
+    """Sharing the prompts' common prefix moves each prompt's tokens to positions counted from its own
+    start: the same computation only for rotary embeddings whose frequencies do not depend on the
+    longest position seen."""
+    from tepo.shared_prefix import _relative_positions
+
+    model = tiny_model(tiny_tokenizer())
+    assert _relative_positions(model)
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not _relative_positions(model)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert _relative_positions(model)

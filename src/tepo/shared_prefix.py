@@ -185,8 +185,13 @@ _ROW_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values"}
 
 def _relative_positions(model) -> bool:
     """Rotary position embeddings: attention depends on positions only through their differences, so
-    a left-padded row and the same tokens without the padding score alike (up to rounding)."""
-    return getattr(model.base_model, "rotary_emb", None) is not None
+    a left-padded row and the same tokens without the padding score alike (up to rounding). Not the
+    rope types whose frequencies depend on the longest position seen ("dynamic", "longrope")."""
+    if getattr(model.base_model, "rotary_emb", None) is None:
+        return False
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]
+    return not any(k.get("rope_type", k.get("type")) in ("dynamic", "longrope") for k in kinds)
 
 
 def _positions(mask: Tensor) -> Tensor:
