@@ -79,6 +79,19 @@ def read_runs(results: Path, run_dir: re.Pattern, names) -> dict[str, dict[int, 
     return runs
 
 
+def run_rows(runs: dict[str, dict[int, dict]], labels: dict[str, str], digits: int) -> list[str]:
+    """One table row per run (`read_runs`): its label, seed, wall time, generating and other step times
+    (`digits` decimals), peak memory, held-out accuracy before -> after, token entropy first -> last."""
+    rows = []
+    for name, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items()):
+            rows.append(
+                f"| {labels[name]} | {seed} | {r['wall']} | {r['generating_s']:.{digits}f} | {r['other_s']:.{digits}f} | "
+                f"{r['rss_gib']:.1f} GiB | {r['before']:.1%} -> {r['after']:.1%} | {r['entropy'][0]:.3f} -> {r['entropy'][1]:.3f} |"
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -105,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "| rollouts | seed | wall time | generating step (s, mean) | other step (s, mean) | peak RSS | held-out greedy accuracy | token entropy (first 5 -> last 5 steps) |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for backend, by_seed in runs.items():
-        for seed, r in sorted(by_seed.items()):
-            lines.append(
-                f"| {BACKENDS[backend]} | {seed} | {r['wall']} | {r['generating_s']:.0f} | {r['other_s']:.0f} | "
-                f"{r['rss_gib']:.1f} GiB | {r['before']:.1%} -> {r['after']:.1%} | {r['entropy'][0]:.3f} -> {r['entropy'][1]:.3f} |"
-            )
+    lines += run_rows(runs, BACKENDS, digits=0)
     boot = paired_bootstrap({b: np.stack([r["verdicts"] for _, r in sorted(by_seed.items())]) for b, by_seed in runs.items()})
     diff = boot.pairs[("hf", "vllm")]
     spread = {b: max(r["after"] for r in s.values()) - min(r["after"] for r in s.values()) for b, s in runs.items()}

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import write_section  # noqa: E402
-from main_job_backends import RESULTS, read_runs  # noqa: E402
+from main_job_backends import RESULTS, read_runs, run_rows  # noqa: E402
 
 from tepo.analysis.stats import paired_bootstrap, seed_matched_t  # noqa: E402
 
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | seed | wall time | generating step (s, mean) | other step (s, mean) | peak RSS | held-out greedy accuracy | token entropy (first 5 -> last 5 steps) |",
         "|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for variant, by_seed in runs.items():
-        for seed, r in sorted(by_seed.items()):
-            lines.append(
-                f"| {VARIANTS[variant]} | {seed} | {r['wall']} | {r['generating_s']:.1f} | {r['other_s']:.1f} | "
-                f"{r['rss_gib']:.1f} GiB | {r['before']:.1%} -> {r['after']:.1%} | {r['entropy'][0]:.3f} -> {r['entropy'][1]:.3f} |"
-            )
+    lines += run_rows(runs, VARIANTS, digits=1)
     verdicts = {v: {s: r["verdicts"] for s, r in by_seed.items()} for v, by_seed in runs.items()}
     t = seed_matched_t(verdicts)[("shared", "plain")]
     boot = paired_bootstrap({v: np.stack([r["verdicts"] for _, r in sorted(by_seed.items())]) for v, by_seed in runs.items()})

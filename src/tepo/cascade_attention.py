@@ -70,10 +70,12 @@ class CascadeLayer(DynamicLayer):
         q = key_states.size(-2)
         if self.length + q > self.own_keys.size(2):  # grow (a call past the planned length still works)
             grow = max(self.own_keys.size(2), q)
-            self.own_keys = torch.cat([self.own_keys, self.own_keys.new_empty(*self.own_keys.shape[:2], grow,
-                                                                                self.own_keys.size(3))], dim=2)
-            self.own_values = torch.cat([self.own_values, self.own_values.new_empty(*self.own_values.shape[:2], grow,
-                                                                                      self.own_values.size(3))], dim=2)
+
+            def grown(buffer: Tensor) -> Tensor:
+                rows, kv_heads, _, head_dim = buffer.shape
+                return torch.cat([buffer, buffer.new_empty(rows, kv_heads, grow, head_dim)], dim=2)
+
+            self.own_keys, self.own_values = grown(self.own_keys), grown(self.own_values)
         self.own_keys[:, :, self.length:self.length + q] = key_states
         self.own_values[:, :, self.length:self.length + q] = value_states
         self.length += q

@@ -101,6 +101,78 @@ def _prefill(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Ten
 
 
 # ------------------------------------------------------------------------------------------------
+# the sharing plan: which rows share a prompt, the prompts' common prefix, its layout and cache
+
+
+def _sharing_plan(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(first, inverse, k): the rows' prompt groups (`prompt_groups`) and their common prefix length."""
+    first, inverse = prompt_groups(input_ids, attention_mask)
+    return first, inverse, _common_prefix_length(input_ids, attention_mask)
+
+
+def _common_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """Tokens every row starts with (after its left padding), at most the shortest prompt minus one."""
+    lengths = attention_mask.sum(dim=1)
+    shortest = int(lengths.min())
+    if shortest < 2 or not bool((attention_mask.flip(1).cumprod(1).sum(1) == lengths).all()):
+        return 0  # not left-padded rows: no claim about their starts
+    width = input_ids.size(1)
+    starts = width - lengths
+    offsets = torch.arange(shortest - 1, device=input_ids.device)
+    tokens = input_ids.gather(1, (starts.unsqueeze(1) + offsets).clamp(max=width - 1))
+    same = (tokens == tokens[:1]).all(dim=0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _to_prefix_layout(input_ids: Tensor, attention_mask: Tensor, k: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded rows (B, P) re-laid as [common prefix (k) | padding | rest of the prompt], same width:
+    the common prefix then sits in the same columns of every row, and positions counted from the
+    attention mask (as `generate` counts them) are unchanged."""
+    width = input_ids.size(1)
+    lengths = attention_mask.sum(dim=1)
+    starts = width - lengths
+    cols = torch.arange(width, device=input_ids.device).unsqueeze(0)
+    # column c of the new row takes: c < k -> start + c; c >= width - (len - k) -> c; else padding
+    rest_from = width - (lengths - k)
+    source = torch.where(cols < k, starts.unsqueeze(1) + cols, cols)
+    keep = (cols < k) | (cols >= rest_from.unsqueeze(1))
+    ids = torch.where(keep, input_ids.gather(1, source.clamp(max=width - 1)), torch.full_like(input_ids, pad_id))
+    return ids, keep.to(attention_mask.dtype)
+
+
+def _relative_positions(model) -> bool:
+    """Rotary position embeddings: attention depends on positions only through their differences, so
+    a left-padded row and the same tokens without the padding score alike (up to rounding). Not the
+    rope types whose frequencies depend on the longest position seen ("dynamic", "longrope")."""
+    if getattr(model.base_model, "rotary_emb", None) is None:
+        return False
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]
+    return not any(k.get("rope_type", k.get("type")) in ("dynamic", "longrope") for k in kinds)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Positions counted from the attention mask (`generate`'s rule): each row's tokens 0, 1, ..."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _prompt_cache(model, ids: Tensor, mask: Tensor, positions: Tensor, k: int):
+    """The KV cache of distinct prompts (U, P) laid out as [common prefix (k) | padding | rest], all
+    columns but the last: the common prefix forwarded once (k >= 2) and indexed out to the U rows,
+    then each prompt's remainder. With gradient when grad is enabled (the shared prefix's gradients
+    add up over its rows through the indexing)."""
+    width = ids.size(1)
+    if k < 2:
+        return _prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    cache = _prefill(model, ids[:1, :k], mask[:1, :k], positions[:1, :k])
+    _select_rows(cache, torch.zeros(ids.size(0), dtype=torch.long, device=ids.device))
+    if width - 1 > k:
+        model.base_model(input_ids=ids[:, k:-1], attention_mask=mask[:, :-1], position_ids=positions[:, k:-1],
+                         past_key_values=cache, use_cache=True)
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
 # scoring (training pass, pi_old pass, reference pass)
 
 
@@ -144,16 +216,12 @@ def _score_completions(model, fused_forward, *, input_ids: Tensor, attention_mas
     if C < 1 or prompt_ids.size(1) < 2:
         return fused_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
     first, inverse, k = _sharing_plan(prompt_ids, prompt_mask)
-    if k < 2 or not _relative_positions(model):
-        # positions as the plain left-padded row counts them (from its first column)
-        cache = _prefill(model, prompt_ids[first, :-1], prompt_mask[first, :-1])
-        _select_rows(cache, inverse)
-        return _score_rows(
-            model, fused_forward, temperature, input_ids=input_ids[:, -C - 1:-1], attention_mask=attention_mask[:, :-1],
-            past_key_values=cache, shift_labels=labels[:, -C:], **kwargs,
-        )
-    ids, mask = _to_prefix_layout(prompt_ids, prompt_mask, k, 0)
-    positions = _positions(mask)
+    if k >= 2 and _relative_positions(model):
+        ids, mask = _to_prefix_layout(prompt_ids, prompt_mask, k, 0)
+        positions = _positions(mask)
+    else:  # whole prompts only, at the positions the plain row gives them (its column index)
+        ids, mask, k = prompt_ids, prompt_mask, 0
+        positions = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
     cache = _prompt_cache(model, ids[first], mask[first], positions[first], k)
     _select_rows(cache, inverse)
     rows = torch.cat([ids[:, -1:], input_ids[:, -C:-1]], dim=1)
@@ -183,70 +251,8 @@ def _score_rows(model, fused_forward, temperature: float | None, *, shift_labels
 _ROW_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values"}
 
 
-def _relative_positions(model) -> bool:
-    """Rotary position embeddings: attention depends on positions only through their differences, so
-    a left-padded row and the same tokens without the padding score alike (up to rounding). Not the
-    rope types whose frequencies depend on the longest position seen ("dynamic", "longrope")."""
-    if getattr(model.base_model, "rotary_emb", None) is None:
-        return False
-    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
-    kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]
-    return not any(k.get("rope_type", k.get("type")) in ("dynamic", "longrope") for k in kinds)
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """Positions counted from the attention mask (`generate`'s rule): each row's tokens 0, 1, ..."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _prompt_cache(model, ids: Tensor, mask: Tensor, positions: Tensor, k: int):
-    """The KV cache of distinct prompts (U, P) laid out as [common prefix (k) | padding | rest], all
-    columns but the last: the common prefix forwarded once (k >= 2) and indexed out to the U rows,
-    then each prompt's remainder. With gradient when grad is enabled (the shared prefix's gradients
-    add up over its rows through the indexing)."""
-    width = ids.size(1)
-    if k < 2:
-        return _prefill(model, ids[:, :-1], mask[:, :-1], positions[:, :-1])
-    cache = _prefill(model, ids[:1, :k], mask[:1, :k], positions[:1, :k])
-    _select_rows(cache, torch.zeros(ids.size(0), dtype=torch.long, device=ids.device))
-    if width - 1 > k:
-        model.base_model(input_ids=ids[:, k:-1], attention_mask=mask[:, :-1], position_ids=positions[:, k:-1],
-                         past_key_values=cache, use_cache=True)
-    return cache
-
-
 # ------------------------------------------------------------------------------------------------
 # generation
-
-
-def _common_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
-    """Tokens every row starts with (after its left padding), at most the shortest prompt minus one."""
-    lengths = attention_mask.sum(dim=1)
-    shortest = int(lengths.min())
-    if shortest < 2 or not bool((attention_mask.flip(1).cumprod(1).sum(1) == lengths).all()):
-        return 0  # not left-padded rows: no claim about their starts
-    width = input_ids.size(1)
-    starts = width - lengths
-    offsets = torch.arange(shortest - 1, device=input_ids.device)
-    tokens = input_ids.gather(1, (starts.unsqueeze(1) + offsets).clamp(max=width - 1))
-    same = (tokens == tokens[:1]).all(dim=0)
-    return int(same.long().cumprod(0).sum())
-
-
-def _to_prefix_layout(input_ids: Tensor, attention_mask: Tensor, k: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-padded rows (B, P) re-laid as [common prefix (k) | padding | rest of the prompt], same width:
-    the common prefix then sits in the same columns of every row, and positions counted from the
-    attention mask (as `generate` counts them) are unchanged."""
-    width = input_ids.size(1)
-    lengths = attention_mask.sum(dim=1)
-    starts = width - lengths
-    cols = torch.arange(width, device=input_ids.device).unsqueeze(0)
-    # column c of the new row takes: c < k -> start + c; c >= width - (len - k) -> c; else padding
-    rest_from = width - (lengths - k)
-    source = torch.where(cols < k, starts.unsqueeze(1) + cols, cols)
-    keep = (cols < k) | (cols >= rest_from.unsqueeze(1))
-    ids = torch.where(keep, input_ids.gather(1, source.clamp(max=width - 1)), torch.full_like(input_ids, pad_id))
-    return ids, keep.to(attention_mask.dtype)
 
 
 def add_shared_prefix_generate(model) -> None:
@@ -285,12 +291,6 @@ def add_shared_prefix_generate(model) -> None:
 
     generate._tepo_shared_prefix = True
     model.generate = types.MethodType(generate, model)
-
-
-def _sharing_plan(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, int]:
-    """(first, inverse, k): the rows' prompt groups (`prompt_groups`) and their common prefix length."""
-    first, inverse = prompt_groups(input_ids, attention_mask)
-    return first, inverse, _common_prefix_length(input_ids, attention_mask)
 
 
 def _prefill_shared(model, input_ids: Tensor, attention_mask: Tensor, plan: tuple[Tensor, Tensor, int],
